@@ -1,0 +1,31 @@
+# The two commands a new user needs: `make up` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+
+.PHONY: up test bench lint setup setup-dev model clean
+
+up: setup  ## Set up on first run, then serve the gateway on :8000 with vLLM behind it
+	$(VENV)/bin/quiver up
+
+test: setup-dev  ## Set up what the tests need, then run the whole suite
+	$(VENV)/bin/quiver model prepare >/dev/null
+	scripts/test.sh
+
+bench: setup-dev  ## Gateway vs vLLM direct, side by side; writes bench/results/
+	$(VENV)/bin/quiver bench
+
+lint: setup-dev
+	$(VENV)/bin/ruff check quiver gateway adapters training loadtest tests
+	$(VENV)/bin/mypy gateway adapters
+
+setup:
+	@scripts/bootstrap.sh runtime
+
+setup-dev:
+	@scripts/bootstrap.sh dev
+
+model: setup  ## Convert the embedded model (cached under ~/.cache/quiver)
+	$(VENV)/bin/quiver model prepare
+
+clean:
+	rm -rf $(VENV) bench/results/*.tmp .pytest_cache

@@ -1,0 +1,26 @@
+"""The adapter registry: validated, immutable, versioned LoRA adapters with aliases.
+
+from adapters import Registry, BaseModelSpec
+registry = Registry.open("sqlite:///quiver.db", Path("store"), base=BaseModelSpec.from_model_dir(model))
+registry.push_dir("support-bot", Path("out/adapter"))      # -> support-bot@v1
+registry.set_alias("support-bot", "prod", 1)
+registry.resolve("support-bot").path                       # the directory vLLM loads
+"""
+
+from adapters.archive import UploadLimits
+from adapters.catalog import Adapter, AdapterVersion, Catalog
+from adapters.registry import PushResult, Registry
+from adapters.spec import BaseModelSpec
+from adapters.validation import AdapterInfo, validate_adapter_dir
+
+__all__ = [
+    "Adapter",
+    "AdapterInfo",
+    "AdapterVersion",
+    "BaseModelSpec",
+    "Catalog",
+    "PushResult",
+    "Registry",
+    "UploadLimits",
+    "validate_adapter_dir",
+]

@@ -1,0 +1,110 @@
+"""The registry's domain types and the one place model strings are resolved to adapter versions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+
+from quiver.errors import ModelNotFound
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One immutable upload of an adapter; ``path`` is its directory in the store, never rewritten."""
+
+    name: str
+    number: int
+    sha256: str
+    path: Path
+    rank: int
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    created_at: datetime
+
+    @property
+    def lora_name(self) -> str:
+        """The name vLLM knows this version by: ``name@vN``."""
+        return f"{self.name}@v{self.number}"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A named adapter: its versions (ascending by number) and aliases (alias -> version number)."""
+
+    name: str
+    versions: tuple[AdapterVersion, ...]
+    aliases: Mapping[str, int]
+    created_at: datetime
+
+    @property
+    def latest(self) -> AdapterVersion:
+        """The highest-numbered version."""
+        return self.versions[-1]
+
+    @property
+    def default(self) -> AdapterVersion:
+        """What the bare name means: the ``prod`` alias if set, else the latest version."""
+        number = self.aliases.get("prod")
+        return self.version(number) if number is not None else self.latest
+
+    def version(self, number: int) -> AdapterVersion:
+        """Version ``number``; ModelNotFound naming the versions that exist."""
+        for v in self.versions:
+            if v.number == number:
+                return v
+        raise ModelNotFound(
+            f"model '{self.name}@v{number}' does not exist; {self.name} has versions {self._numbers()}",
+            param="model",
+        )
+
+    def _numbers(self) -> str:
+        return ", ".join(f"v{v.number}" for v in self.versions)
+
+
+class Catalog:
+    """An immutable snapshot of the registry that resolves ``name``, ``name@vN`` and ``name@alias``.
+
+    ``revision`` is the registry revision the snapshot was read at; compare it with
+    ``Registry.revision()`` to know when to take a new one.
+    """
+
+    def __init__(self, adapters: Iterable[Adapter], revision: int = 0) -> None:
+        self.revision = revision
+        self._adapters: Mapping[str, Adapter] = MappingProxyType({a.name: a for a in adapters})
+        ids: dict[str, AdapterVersion] = {}
+        for adapter in self._adapters.values():
+            ids[adapter.name] = adapter.default
+            for v in adapter.versions:
+                ids[v.lora_name] = v
+            for alias, number in sorted(adapter.aliases.items()):
+                ids[f"{adapter.name}@{alias}"] = adapter.version(number)
+        self._ids: Mapping[str, AdapterVersion] = MappingProxyType(ids)
+
+    @property
+    def adapters(self) -> Mapping[str, Adapter]:
+        """Every adapter by name."""
+        return self._adapters
+
+    def resolve(self, model: str) -> AdapterVersion:
+        """The version ``model`` names; ModelNotFound says what exists instead."""
+        found = self._ids.get(model)
+        if found is not None:
+            return found
+        name, at, ref = model.partition("@")
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            raise ModelNotFound(f"model '{model}' does not exist", param="model")
+        if ref.startswith("v") and ref[1:].isdigit():
+            adapter.version(int(ref[1:]))  # raises, naming the versions that exist
+        aliases = ", ".join(sorted(adapter.aliases)) or "none"
+        raise ModelNotFound(
+            f"model '{model}' does not exist; {name} has versions {adapter._numbers()} and aliases {aliases}",
+            param="model",
+        )
+
+    def model_ids(self) -> Mapping[str, AdapterVersion]:
+        """Every model string that resolves (``name``, ``name@vN``, ``name@alias``) and its version."""
+        return self._ids

@@ -1,0 +1,110 @@
+"""The registry's tables (SQLAlchemy Core) and engine set-up for SQLite or any SQLAlchemy URL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    create_engine,
+    event,
+    insert,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+
+metadata = MetaData()
+
+adapters = Table(
+    "adapters",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+versions = Table(
+    "versions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("adapter_name", String(64), ForeignKey("adapters.name", ondelete="CASCADE"), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    # Relative to the store root, so the store can be mounted at another path on another machine.
+    Column("path", String(512), nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("target_modules", JSON, nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("manifest", JSON, nullable=True),
+    UniqueConstraint("adapter_name", "number", name="uq_versions_adapter_number"),
+    UniqueConstraint("adapter_name", "sha256", name="uq_versions_adapter_sha256"),
+)
+
+aliases = Table(
+    "aliases",
+    metadata,
+    Column("adapter_name", String(64), primary_key=True),
+    Column("alias", String(32), primary_key=True),
+    Column("version_number", Integer, nullable=False),
+    # No cascade: the database itself refuses to delete a version an alias points at.
+    ForeignKeyConstraint(
+        ["adapter_name", "version_number"],
+        ["versions.adapter_name", "versions.number"],
+        name="fk_aliases_version",
+    ),
+)
+
+# One row; every write transaction bumps it first, which also serializes writers.
+revision = Table(
+    "revision",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("value", BigInteger, nullable=False),
+)
+
+WRITE = "quiver_write"  # execution option marking a connection that will write
+
+
+def open_engine(url: str) -> Engine:
+    """An engine for ``url`` with the tables created; SQLite gets WAL, foreign keys and real transactions."""
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine)
+    metadata.create_all(engine)
+    try:
+        with engine.begin() as conn:
+            if conn.scalar(select(revision.c.value).where(revision.c.id == 1)) is None:
+                conn.execute(insert(revision).values(id=1, value=0))
+    except IntegrityError:
+        pass  # another process opened the same database first
+    return engine
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take BEGIN away from the sqlite3 module (it skips it before SELECT) and emit our own.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA busy_timeout = 30000")
+        if engine.url.database not in (None, "", ":memory:"):
+            cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        # A writer takes the write lock up front; upgrading a read snapshot later can fail with
+        # SQLITE_BUSY without waiting, when another writer committed in between.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE) else "BEGIN")

@@ -1,0 +1,352 @@
+"""The adapter registry: names, immutable numbered versions, aliases; metadata in SQL, files in a store.
+
+A push stages the files, validates them, commits them to the store, and only then writes the version
+row, so a version is visible only once its directory is complete. A failed push leaves nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import TypeVar
+
+from sqlalchemy import Connection, Engine, RowMapping, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from adapters import db
+from adapters.archive import UploadLimits, extract_archive
+from adapters.catalog import Adapter, AdapterVersion, Catalog
+from adapters.spec import BaseModelSpec
+from adapters.store import LocalStore, digest
+from adapters.validation import AdapterInfo, adapter_files, validate_adapter_dir
+from quiver.errors import Conflict, InvalidRequest, NotFound
+
+T = TypeVar("T")
+
+NAME_RULE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+ALIAS_RULE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_VERSION_REF = re.compile(r"v\d+")
+# Writers are serialized by the revision row, so a collision means a writer outside that protocol;
+# a few retries are plenty.
+_WRITE_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """The version a push produced, or the existing one with identical content (``created=False``)."""
+
+    version: AdapterVersion
+    created: bool
+
+
+class Registry:
+    """Versions and aliases of named LoRA adapters. Synchronous; the gateway calls it from a thread."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        store: LocalStore,
+        *,
+        base: BaseModelSpec | None,
+        max_lora_rank: int,
+        limits: UploadLimits,
+        reserved_names: frozenset[str],
+    ) -> None:
+        self._engine = engine
+        self._writer = engine.execution_options(**{db.WRITE: True})
+        self._store = store
+        self._base = base
+        self._max_lora_rank = max_lora_rank
+        self._limits = limits
+        self._reserved_names = reserved_names
+
+    @classmethod
+    def open(
+        cls,
+        database_url: str,
+        store_root: Path,
+        *,
+        base: BaseModelSpec | None = None,
+        max_lora_rank: int = 16,
+        limits: UploadLimits = UploadLimits(),  # noqa: B008 - frozen, so one shared default is safe
+        reserved_names: frozenset[str] = frozenset(),
+    ) -> Registry:
+        """Open (creating if needed) the database at ``database_url`` and the store at ``store_root``."""
+        store = LocalStore(store_root)
+        store.sweep()
+        return cls(
+            db.open_engine(database_url),
+            store,
+            base=base,
+            max_lora_rank=max_lora_rank,
+            limits=limits,
+            reserved_names=reserved_names,
+        )
+
+    def close(self) -> None:
+        """Release database connections."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- pushing --------------------------------------------------------------------------------
+
+    def push_dir(self, name: str, directory: Path) -> PushResult:
+        """Push the adapter in ``directory`` (a PEFT ``save_pretrained`` output) as a version of ``name``."""
+        self._check_name(name)
+        if not directory.is_dir():
+            raise InvalidRequest(f"{directory} is not a directory", param="directory")
+        with self._store.staging() as staged:
+            for path in adapter_files(directory):
+                shutil.copyfile(path, staged / path.name)
+            return self._push_staged(name, staged)
+
+    def push_archive(self, name: str, archive_path: Path) -> PushResult:
+        """Push an adapter uploaded as a ``.tar``, ``.tar.gz`` or ``.zip`` archive."""
+        self._check_name(name)
+        with self._store.staging() as staged:
+            extract_archive(archive_path, staged, self._limits)
+            return self._push_staged(name, staged)
+
+    def _push_staged(self, name: str, staged: Path) -> PushResult:
+        info = validate_adapter_dir(staged, self._base, self._max_lora_rank)
+        sha256 = digest(staged)
+        with self._engine.begin() as conn:
+            existing = self._version_by_sha(conn, name, sha256)
+        if existing is not None:
+            return PushResult(existing, created=False)
+        final = self._store.commit(staged, name, sha256)
+        try:
+            return self._write(lambda conn: self._insert_version(conn, name, sha256, final, info))
+        except BaseException:
+            with self._engine.begin() as conn:
+                referenced = self._version_by_sha(conn, name, sha256) is not None
+            if not referenced:
+                self._store.remove(final)
+            raise
+
+    def _insert_version(self, conn: Connection, name: str, sha256: str, final: Path, info: AdapterInfo) -> PushResult:
+        existing = self._version_by_sha(conn, name, sha256)
+        if existing is not None:  # a concurrent push of the same content won
+            return PushResult(existing, created=False)
+        now = datetime.now(UTC)
+        if conn.scalar(select(db.adapters.c.name).where(db.adapters.c.name == name)) is None:
+            conn.execute(insert(db.adapters).values(name=name, created_at=now))
+        latest = conn.scalar(select(func.max(db.versions.c.number)).where(db.versions.c.adapter_name == name))
+        conn.execute(
+            insert(db.versions).values(
+                adapter_name=name,
+                number=(latest or 0) + 1,
+                sha256=sha256,
+                path=final.relative_to(self._store.root).as_posix(),
+                rank=info.rank,
+                target_modules=list(info.target_modules),
+                size_bytes=info.size_bytes,
+                created_at=now,
+                manifest=dict(info.manifest) if info.manifest is not None else None,
+            )
+        )
+        created = self._version_by_sha(conn, name, sha256)
+        assert created is not None  # just inserted, same transaction
+        return PushResult(created, created=True)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def adapters(self) -> list[Adapter]:
+        """Every adapter, by name."""
+        with self._engine.begin() as conn:
+            return self._load(conn)
+
+    def adapter(self, name: str) -> Adapter:
+        """The adapter ``name``; NotFound if there is none."""
+        with self._engine.begin() as conn:
+            return self._load_one(conn, name)
+
+    def snapshot(self) -> Catalog:
+        """An immutable, consistent view of every adapter, tagged with the revision it was read at."""
+        with self._engine.begin() as conn:
+            return Catalog(self._load(conn), revision=self._revision(conn))
+
+    def resolve(self, model: str) -> AdapterVersion:
+        """The version that ``name``, ``name@vN`` or ``name@alias`` means now; ModelNotFound otherwise."""
+        name = model.partition("@")[0]
+        with self._engine.begin() as conn:
+            found = self._load(conn, names=[name])
+        return Catalog(found).resolve(model)
+
+    def revision(self) -> int:
+        """A counter bumped by every change: a cheap way to tell that a snapshot is stale."""
+        with self._engine.begin() as conn:
+            return self._revision(conn)
+
+    # -- aliases and deletion -------------------------------------------------------------------
+
+    def set_alias(self, name: str, alias: str, number: int) -> Adapter:
+        """Point ``name@alias`` at version ``number`` (creating or moving the alias, e.g. a rollback)."""
+        if not ALIAS_RULE.fullmatch(alias) or _VERSION_REF.fullmatch(alias):
+            raise InvalidRequest(
+                f"invalid alias {alias!r}: use 1-32 characters a-z, 0-9, '_', '-', starting with a letter "
+                "(^[a-z][a-z0-9_-]{0,31}$), and not of the form v<digits>, which names a version",
+                param="alias",
+            )
+
+        def work(conn: Connection) -> Adapter:
+            self._require_version(conn, name, number)
+            key = (db.aliases.c.adapter_name == name) & (db.aliases.c.alias == alias)
+            if conn.scalar(select(db.aliases.c.version_number).where(key)) is None:
+                conn.execute(insert(db.aliases).values(adapter_name=name, alias=alias, version_number=number))
+            else:
+                conn.execute(update(db.aliases).where(key).values(version_number=number))
+            return self._load_one(conn, name)
+
+        return self._write(work)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        """Remove ``name@alias``; NotFound if it does not exist."""
+
+        def work(conn: Connection) -> None:
+            key = (db.aliases.c.adapter_name == name) & (db.aliases.c.alias == alias)
+            if conn.execute(delete(db.aliases).where(key)).rowcount == 0:
+                self._load_one(conn, name)  # NotFound for an unknown adapter first
+                raise NotFound(f"adapter '{name}' has no alias '{alias}'", param="alias")
+
+        self._write(work)
+
+    def delete_version(self, name: str, number: int) -> None:
+        """Delete version ``number`` and its files; Conflict while an alias points at it.
+
+        Deleting the last version deletes the adapter.
+        """
+
+        def work(conn: Connection) -> Path:
+            version = self._require_version(conn, name, number)
+            pointing = conn.scalars(
+                select(db.aliases.c.alias)
+                .where((db.aliases.c.adapter_name == name) & (db.aliases.c.version_number == number))
+                .order_by(db.aliases.c.alias)
+            ).all()
+            if pointing:
+                names = ", ".join(f"{name}@{a}" for a in pointing)
+                raise Conflict(
+                    f"{version.lora_name} is still pointed at by {names}; move or delete those aliases first"
+                )
+            conn.execute(
+                delete(db.versions).where((db.versions.c.adapter_name == name) & (db.versions.c.number == number))
+            )
+            remaining = conn.scalar(
+                select(func.count()).select_from(db.versions).where(db.versions.c.adapter_name == name)
+            )
+            if not remaining:
+                conn.execute(delete(db.adapters).where(db.adapters.c.name == name))
+            return version.path
+
+        path = self._write(work)
+        # Files go only after the row is gone: a visible version always has its directory.
+        self._store.remove(path)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _check_name(self, name: str) -> None:
+        if not NAME_RULE.fullmatch(name):
+            raise InvalidRequest(
+                f"invalid adapter name {name!r}: use 1-64 characters a-z, 0-9, '.', '_', '-', "
+                "starting with a letter or digit (^[a-z0-9][a-z0-9._-]{0,63}$)",
+                param="name",
+            )
+        if name in self._reserved_names:
+            raise InvalidRequest(f"adapter name {name!r} is reserved", param="name")
+
+    def _write(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a write transaction that bumps the revision; retry on unique-key collisions."""
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                with self._writer.begin() as conn:
+                    # First statement: on PostgreSQL the row lock makes writers take turns.
+                    conn.execute(update(db.revision).where(db.revision.c.id == 1).values(value=db.revision.c.value + 1))
+                    return work(conn)
+            except IntegrityError:
+                if attempt == _WRITE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _revision(self, conn: Connection) -> int:
+        return int(conn.scalar(select(db.revision.c.value).where(db.revision.c.id == 1)) or 0)
+
+    def _require_version(self, conn: Connection, name: str, number: int) -> AdapterVersion:
+        adapter = self._load_one(conn, name)
+        for version in adapter.versions:
+            if version.number == number:
+                return version
+        have = ", ".join(f"v{v.number}" for v in adapter.versions)
+        raise NotFound(f"adapter '{name}' has no version v{number}; it has {have}", param="number")
+
+    def _load_one(self, conn: Connection, name: str) -> Adapter:
+        found = self._load(conn, names=[name])
+        if not found:
+            raise NotFound(f"adapter '{name}' does not exist", param="name")
+        return found[0]
+
+    def _load(self, conn: Connection, names: Iterable[str] | None = None) -> list[Adapter]:
+        """Adapters (all, or those in ``names``) with their versions and aliases, in three queries."""
+        a, v, al = db.adapters, db.versions, db.aliases
+        adapter_q = select(a).order_by(a.c.name)
+        version_q = select(v).order_by(v.c.adapter_name, v.c.number)
+        alias_q = select(al)
+        if names is not None:
+            wanted = list(names)
+            adapter_q = adapter_q.where(a.c.name.in_(wanted))
+            version_q = version_q.where(v.c.adapter_name.in_(wanted))
+            alias_q = alias_q.where(al.c.adapter_name.in_(wanted))
+        versions: dict[str, list[AdapterVersion]] = {}
+        for row in conn.execute(version_q).mappings():
+            versions.setdefault(row["adapter_name"], []).append(self._version(row))
+        aliases: dict[str, dict[str, int]] = {}
+        for row in conn.execute(alias_q).mappings():
+            aliases.setdefault(row["adapter_name"], {})[row["alias"]] = row["version_number"]
+        return [
+            Adapter(
+                name=row["name"],
+                versions=tuple(versions.get(row["name"], ())),
+                aliases=MappingProxyType(dict(sorted(aliases.get(row["name"], {}).items()))),
+                created_at=_utc(row["created_at"]),
+            )
+            for row in conn.execute(adapter_q).mappings()
+        ]
+
+    def _version_by_sha(self, conn: Connection, name: str, sha256: str) -> AdapterVersion | None:
+        row = (
+            conn.execute(
+                select(db.versions).where((db.versions.c.adapter_name == name) & (db.versions.c.sha256 == sha256))
+            )
+            .mappings()
+            .first()
+        )
+        return self._version(row) if row is not None else None
+
+    def _version(self, row: RowMapping) -> AdapterVersion:
+        return AdapterVersion(
+            name=row["adapter_name"],
+            number=row["number"],
+            sha256=row["sha256"],
+            path=self._store.root / row["path"],
+            rank=row["rank"],
+            target_modules=tuple(row["target_modules"]),
+            size_bytes=row["size_bytes"],
+            created_at=_utc(row["created_at"]),
+        )
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes (we stored UTC); PostgreSQL aware ones in the session's zone.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

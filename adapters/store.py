@@ -1,0 +1,115 @@
+"""The file side of the registry: version directories ``<root>/<name>/<sha256>/`` that never change.
+
+A version is written in ``<root>/.staging/``, flushed to disk, then renamed into place, so a reader
+(vLLM loading ``lora_path``) sees a complete directory or none at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_CHUNK = 1024 * 1024
+
+
+def digest(directory: Path) -> str:
+    """The content hash of a directory: sha256 over sorted (relative path, file sha256) pairs."""
+    outer = hashlib.sha256()
+    files = sorted((p.relative_to(directory).as_posix(), p) for p in directory.rglob("*") if p.is_file())
+    for relative, path in files:
+        inner = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                inner.update(chunk)
+        outer.update(f"{relative}\0{inner.hexdigest()}\n".encode())
+    return outer.hexdigest()
+
+
+class LocalStore:
+    """Version directories on a local (or shared, mounted) file system under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self._staging_root = self.root / ".staging"
+        self._staging_root.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh empty directory under ``<root>/.staging/``, removed on exit unless committed."""
+        path = Path(tempfile.mkdtemp(dir=self._staging_root))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def commit(self, staged: Path, name: str, sha256: str) -> Path:
+        """Make ``staged`` the durable, read-only version directory ``<root>/<name>/<sha256>/``.
+
+        An existing directory with the same content (a retried or concurrent push) is reused.
+        """
+        final = self.root / name / sha256
+        # Children before parents, so that each directory is flushed after what it lists.
+        for path in sorted(staged.rglob("*"), reverse=True):
+            if path.is_file():
+                path.chmod(0o444)
+            _fsync(path)
+        _fsync(staged)
+        for _ in range(3):  # a concurrent delete may remove <root>/<name> between mkdir and rename
+            if not final.parent.is_dir():
+                final.parent.mkdir(exist_ok=True)
+                _fsync(self.root)
+            try:
+                os.rename(staged, final)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                if not final.is_dir():
+                    raise
+                if digest(final) == sha256:
+                    return final  # an earlier or concurrent push of the same content
+                # A damaged leftover whose content does not match its name: replace it.
+                self.remove(final, keep_parent=True)
+                continue
+            _fsync(final.parent)
+            return final
+        raise OSError(f"could not move {staged} to {final}")
+
+    def remove(self, path: Path, *, keep_parent: bool = False) -> None:
+        """Delete a version directory, and its adapter's directory once that is empty."""
+        shutil.rmtree(path, ignore_errors=True)
+        if not keep_parent:
+            try:
+                path.parent.rmdir()
+            except OSError:
+                pass  # other versions remain, or a concurrent push just made one
+
+    def sweep(self, older_than_s: float = 3600.0) -> int:
+        """Delete staging directories left by crashed pushes; returns how many.
+
+        Only those older than ``older_than_s``: another process may be pushing into the same store.
+        """
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for path in self._staging_root.iterdir():
+            try:
+                stale = path.stat().st_mtime <= cutoff
+            except FileNotFoundError:
+                continue  # its push just finished
+            if stale:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        return removed
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

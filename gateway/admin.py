@@ -1,0 +1,127 @@
+"""The registry's HTTP API: upload adapter versions, list them, move aliases, delete versions."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import anyio.to_thread
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import Response
+
+from adapters import Adapter, AdapterVersion
+from gateway.deps import GatewayDep
+from gateway.protocol import AdapterList, AdapterPublic, AliasUpdate, PushPublic, VersionPublic
+from quiver.errors import InvalidArchive, PayloadTooLarge
+
+router = APIRouter(prefix="/v1/adapters")
+
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+def version_public(version: AdapterVersion, aliases: dict[str, int]) -> VersionPublic:
+    """Wire form of one version."""
+    return VersionPublic(
+        version=version.number,
+        model=version.lora_name,
+        sha256=version.sha256,
+        rank=version.rank,
+        target_modules=list(version.target_modules),
+        size_bytes=version.size_bytes,
+        created_at=version.created_at,
+        aliases=sorted(a for a, n in aliases.items() if n == version.number),
+    )
+
+
+def adapter_public(adapter: Adapter) -> AdapterPublic:
+    """Wire form of one adapter."""
+    aliases = dict(adapter.aliases)
+    return AdapterPublic(
+        name=adapter.name,
+        created_at=adapter.created_at,
+        latest=adapter.latest.number,
+        aliases=aliases,
+        versions=[version_public(v, aliases) for v in adapter.versions],
+    )
+
+
+def _spool(upload: UploadFile, directory: Path, limit: int) -> Path:
+    """Copy the upload to a file whose name keeps the archive suffix, enforcing the size limit."""
+    filename = upload.filename or ""
+    suffix = next((s for s in _ARCHIVE_SUFFIXES if filename.lower().endswith(s)), None)
+    if suffix is None:
+        raise InvalidArchive(
+            f"file {filename!r} is not a .tar.gz, .tgz, .tar or .zip archive of a PEFT adapter directory",
+            param="file",
+        )
+    target = directory / f"upload{suffix}"
+    copied = 0
+    with target.open("wb") as out:
+        while chunk := upload.file.read(1 << 20):
+            copied += len(chunk)
+            if copied > limit:
+                raise PayloadTooLarge(f"upload is larger than the {limit}-byte limit", param="file")
+            out.write(chunk)
+    return target
+
+
+@router.post("", status_code=201, response_model=PushPublic)
+async def push(
+    request: Request,
+    gateway: GatewayDep,
+    name: Annotated[str, Form(description="Adapter name")],
+    file: Annotated[UploadFile, File(description=".tar.gz or .zip of a PEFT adapter directory")],
+    response: Response,
+) -> PushPublic:
+    """Upload a new version; identical content returns the existing version with 200."""
+    limit = gateway.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + (1 << 20):
+        raise PayloadTooLarge(f"upload is larger than the {limit}-byte limit", param="file")
+    workdir = Path(tempfile.mkdtemp(prefix="upload-", dir=gateway.settings.data_dir))
+    try:
+        archive = await anyio.to_thread.run_sync(_spool, file, workdir, limit)
+        result = await gateway.registry.call(gateway.registry.registry.push_archive, name, archive)
+    finally:
+        await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
+    if not result.created:
+        response.status_code = 200
+    adapter = gateway.registry.catalog.adapters.get(name)
+    aliases = dict(adapter.aliases) if adapter else {}
+    return PushPublic(name=name, created=result.created, version=version_public(result.version, aliases))
+
+
+@router.get("", response_model=AdapterList)
+async def list_adapters(gateway: GatewayDep) -> AdapterList:
+    """Every adapter with its versions and aliases."""
+    adapters = await gateway.registry.call(gateway.registry.registry.adapters)
+    return AdapterList(data=[adapter_public(a) for a in adapters])
+
+
+@router.get("/{name}", response_model=AdapterPublic)
+async def get_adapter(name: str, gateway: GatewayDep) -> AdapterPublic:
+    """One adapter, or 404."""
+    return adapter_public(await gateway.registry.call(gateway.registry.registry.adapter, name))
+
+
+@router.put("/{name}/aliases/{alias}", response_model=AdapterPublic)
+async def set_alias(name: str, alias: str, body: AliasUpdate, gateway: GatewayDep) -> AdapterPublic:
+    """Point ``name@alias`` at a version; takes effect on the next request."""
+    registry = gateway.registry
+    return adapter_public(await registry.call(registry.registry.set_alias, name, alias, body.version))
+
+
+@router.delete("/{name}/aliases/{alias}", status_code=204)
+async def delete_alias(name: str, alias: str, gateway: GatewayDep) -> Response:
+    """Remove an alias."""
+    await gateway.registry.call(gateway.registry.registry.delete_alias, name, alias)
+    return Response(status_code=204)
+
+
+@router.delete("/{name}/versions/{number}", status_code=204)
+async def delete_version(name: str, number: int, gateway: GatewayDep) -> Response:
+    """Delete a version; refused with 409 while an alias points at it."""
+    await gateway.registry.call(gateway.registry.registry.delete_version, name, number)
+    return Response(status_code=204)

@@ -1,0 +1,140 @@
+"""``create_app(settings)``: the gateway as an ASGI app, with its parts built in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+import anyio.to_thread
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from adapters import BaseModelSpec, Registry
+from gateway import admin, routes
+from gateway.deps import Gateway
+from gateway.health import ReplicaMonitor
+from gateway.metrics import Metrics
+from gateway.registry_view import RegistryView
+from gateway.residency import Residency
+from gateway.router import BASE_ALIAS, Router
+from gateway.serving import Proxy
+from gateway.settings import Settings
+from gateway.upstream import VllmReplica
+from quiver.errors import InvalidRequest, QuiverError, Unavailable
+
+log = logging.getLogger("quiver.gateway")
+
+
+def error_response(exc: QuiverError) -> JSONResponse:
+    """The one place a QuiverError becomes an HTTP answer."""
+    headers = {}
+    if exc.retry_after is not None:
+        headers["retry-after"] = str(max(1, round(exc.retry_after)))
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+
+
+async def _base_spec(settings: Settings, replica: VllmReplica) -> BaseModelSpec | None:
+    """The served base model's architecture, for checking uploads against it."""
+    path = settings.base_model_path
+    if path is None:
+        with suppress(QuiverError):
+            await replica.models()
+        from pathlib import Path
+
+        root = Path(replica.model_root) if replica.model_root else None
+        path = root if root is not None and (root / "config.json").is_file() else None
+    if path is None:
+        log.warning(
+            "base model directory unknown (set QUIVER_BASE_MODEL_PATH); uploads are checked "
+            "for consistency but not against the base model's layer shapes"
+        )
+        return None
+    return await anyio.to_thread.run_sync(BaseModelSpec.from_model_dir, path, settings.base_model)
+
+
+async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None) -> Gateway:
+    metrics = Metrics()
+    replica = VllmReplica(
+        settings.vllm_url,
+        connect_timeout_s=settings.connect_timeout_s,
+        request_timeout_s=settings.request_timeout_s,
+        load_timeout_s=settings.adapter_load_timeout_s,
+        transport=transport,
+    )
+    base = await _base_spec(settings, replica)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    reserved = frozenset({BASE_ALIAS, "auto"} | ({settings.base_model} if settings.base_model else set()))
+    registry = await anyio.to_thread.run_sync(
+        lambda: Registry.open(
+            settings.registry_url,
+            settings.adapter_store,
+            base=base,
+            max_lora_rank=settings.max_lora_rank,
+            reserved_names=reserved,
+        )
+    )
+    view = await anyio.to_thread.run_sync(RegistryView, registry)
+    residency = Residency(replica, settings.max_loras, metrics, load_wait_s=settings.adapter_load_timeout_s)
+    router = Router(replica, lambda: view.catalog, settings.base_model)
+    monitor = ReplicaMonitor(replica, residency, metrics)
+    return Gateway(settings, metrics, replica, residency, view, router, Proxy(router, residency, metrics), monitor)
+
+
+def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """Build the gateway app; ``transport`` lets unit tests put an httpx MockTransport upstream."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gateway = await _build(settings, transport)
+        app.state.gateway = gateway
+        await gateway.monitor.check()
+        tasks = [
+            asyncio.create_task(gateway.monitor.watch(settings.health_interval_s), name="vllm-monitor"),
+            asyncio.create_task(gateway.registry.watch(settings.registry_refresh_s), name="registry-refresh"),
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await gateway.residency.unload_all()
+            await gateway.replica.aclose()
+            await anyio.to_thread.run_sync(gateway.registry.registry.close)
+
+    app = FastAPI(title="Quiver", version="0.1.0", lifespan=lifespan)
+    app.include_router(routes.router)
+    app.include_router(admin.router)
+
+    @app.exception_handler(QuiverError)
+    async def _quiver_error(request: Request, exc: QuiverError) -> JSONResponse:
+        if isinstance(exc, Unavailable) and exc.code == "upstream_unavailable":
+            request.app.state.gateway.monitor.mark_down(exc.message)
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        message = f"{param}: {first['msg']}" if param else str(first["msg"])
+        return error_response(InvalidRequest(message, param=param))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        error = QuiverError(str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error")
+        error.status_code = exc.status_code
+        error.error_type = "invalid_request_error"
+        return error_response(error)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(QuiverError(f"internal error ({type(exc).__name__}); see the gateway log"))
+
+    return app

@@ -1,0 +1,39 @@
+"""The gateway's running parts, hung on ``app.state``, and their FastAPI dependency aliases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from gateway.health import ReplicaMonitor
+from gateway.metrics import Metrics
+from gateway.registry_view import RegistryView
+from gateway.residency import Residency
+from gateway.router import Router
+from gateway.serving import Proxy
+from gateway.settings import Settings
+from gateway.upstream import VllmReplica
+
+
+@dataclass
+class Gateway:
+    """Everything one running gateway holds; built in the app's lifespan."""
+
+    settings: Settings
+    metrics: Metrics
+    replica: VllmReplica
+    residency: Residency
+    registry: RegistryView
+    router: Router
+    proxy: Proxy
+    monitor: ReplicaMonitor
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(_gateway)]

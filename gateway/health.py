@@ -1,0 +1,56 @@
+"""Watching a vLLM replica: is it up, and which adapters does it really hold.
+
+A restarted vLLM has forgotten every runtime-loaded adapter. The monitor notices (the replica
+stops answering, or its model list lacks adapters we loaded) and drops them from residency, so
+the next request for one loads it again with no manual step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from gateway.metrics import Metrics
+from gateway.residency import Residency
+from gateway.upstream import VllmReplica
+from quiver.errors import QuiverError
+
+log = logging.getLogger("quiver.health")
+
+
+class ReplicaMonitor:
+    """Polls one replica's ``/v1/models`` and reconciles residency with what it lists."""
+
+    def __init__(self, replica: VllmReplica, residency: Residency, metrics: Metrics) -> None:
+        self.replica = replica
+        self.residency = residency
+        self.metrics = metrics
+
+    async def check(self) -> None:
+        """One poll."""
+        polled = time.monotonic()
+        try:
+            models = await self.replica.models()
+        except QuiverError as exc:
+            self.mark_down(str(exc))
+            return
+        if self.replica.state != "up":
+            log.info("vLLM at %s is up, serving %s", self.replica.url, self.replica.served_model)
+        self.replica.state = "up"
+        self.metrics.upstream_up.labels(self.replica.url).set(1)
+        self.residency.reconcile({str(m["id"]) for m in models if m.get("parent")}, polled)
+
+    def mark_down(self, reason: str) -> None:
+        """The replica stopped answering: whatever it had loaded is gone when it returns."""
+        if self.replica.state == "up":
+            log.warning("vLLM at %s is down: %s", self.replica.url, reason)
+            self.replica.state = "down"
+        self.metrics.upstream_up.labels(self.replica.url).set(0)
+        self.residency.forget_all()
+
+    async def watch(self, interval_s: float) -> None:
+        """Poll until cancelled."""
+        while True:
+            await self.check()
+            await asyncio.sleep(interval_s)

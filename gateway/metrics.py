@@ -1,0 +1,58 @@
+"""Prometheus metrics of one gateway, on a registry of its own (no process globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Latency buckets from sub-millisecond proxy answers to long generations.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """Request, latency, token and adapter-residency metrics, labelled by model and adapter.
+
+    ``model`` is the string the client asked for; ``adapter`` is what served it
+    (``name@vN``, or ``base``).
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "quiver_requests", "Requests answered, by outcome.",
+            ["endpoint", "model", "adapter", "status"], registry=r,
+        )
+        self.latency = Histogram(
+            "quiver_request_duration_seconds", "Time from request to last byte.",
+            ["endpoint", "model", "adapter"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "quiver_time_to_first_token_seconds", "Time from request to first streamed chunk.",
+            ["endpoint", "model", "adapter"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.tokens = Counter(
+            "quiver_tokens", "Tokens processed, by kind (prompt or completion).",
+            ["model", "adapter", "kind"], registry=r,
+        )
+        self.adapter_loads = Counter(
+            "quiver_adapter_loads", "Adapter loads into vLLM, by outcome.",
+            ["adapter", "outcome"], registry=r,
+        )
+        self.adapter_load_seconds = Histogram(
+            "quiver_adapter_load_duration_seconds", "Time to load one adapter into vLLM.",
+            ["adapter"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.adapter_unloads = Counter(
+            "quiver_adapter_unloads", "Adapters unloaded from vLLM to make room.",
+            ["adapter"], registry=r,
+        )
+        self.adapters_resident = Gauge(
+            "quiver_adapters_resident", "Adapters currently loaded in vLLM.", registry=r,
+        )
+        self.upstream_up = Gauge(
+            "quiver_upstream_up", "1 while vLLM answers its health check.", ["upstream"], registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

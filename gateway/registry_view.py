@@ -1,0 +1,58 @@
+"""The gateway's view of the registry: an in-memory Catalog, so routing never touches the database.
+
+Writes made through this gateway refresh the snapshot before they answer, so an alias moved by
+the API takes effect on the very next request. Writes made elsewhere (the CLI, another gateway)
+are noticed by polling the registry's revision counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import anyio.to_thread
+
+from adapters import Catalog, Registry
+
+log = logging.getLogger("quiver.registry")
+
+T = TypeVar("T")
+
+
+class RegistryView:
+    """Holds the current Catalog and runs blocking registry calls off the event loop."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.catalog: Catalog = registry.snapshot()
+        self._revision = registry.revision()
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a registry method in a worker thread, then refresh the snapshot."""
+        try:
+            return await anyio.to_thread.run_sync(fn, *args)
+        finally:
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Take a new snapshot if the registry changed since the last one."""
+        revision, catalog = await anyio.to_thread.run_sync(self._load)
+        if catalog is not None:
+            self.catalog, self._revision = catalog, revision
+
+    def _load(self) -> tuple[int, Catalog | None]:
+        revision = self.registry.revision()
+        if revision == self._revision:
+            return revision, None
+        return revision, self.registry.snapshot()
+
+    async def watch(self, interval_s: float) -> None:
+        """Poll for outside writes until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("registry refresh failed; keeping the last snapshot")

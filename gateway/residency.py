@@ -1,0 +1,146 @@
+"""Which adapter versions are loaded in a vLLM replica, and loading them on demand.
+
+Loads happen under a per-version asyncio lock, so many concurrent first requests for one version
+make exactly one load. Residency is an LRU bounded by the replica's ``max_loras``; a version with
+requests in flight is never unloaded, so a request always finishes on the version it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from adapters import AdapterVersion
+from gateway.metrics import Metrics
+from gateway.upstream import VllmReplica
+from quiver.errors import Unavailable
+
+log = logging.getLogger("quiver.residency")
+
+
+@dataclass
+class _Resident:
+    loaded_at: float
+    in_flight: int = 0
+
+
+@dataclass
+class Residency:
+    """The LRU of adapter versions loaded in one replica."""
+
+    replica: VllmReplica
+    capacity: int
+    metrics: Metrics
+    load_wait_s: float = 60.0
+    _resident: OrderedDict[str, _Resident] = field(default_factory=OrderedDict)
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _reserved: int = 0
+    _slots: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def loaded(self) -> list[str]:
+        """Loaded ``lora_name``s, least recently used first."""
+        return list(self._resident)
+
+    @asynccontextmanager
+    async def lease(self, version: AdapterVersion) -> AsyncIterator[None]:
+        """Hold ``version`` loaded for the duration of one request."""
+        name = version.lora_name
+        await self.ensure_loaded(version)
+        # No await between the check above and this increment, so eviction cannot slip in.
+        resident = self._resident[name]
+        resident.in_flight += 1
+        self._resident.move_to_end(name)
+        try:
+            yield
+        finally:
+            resident.in_flight -= 1
+
+    async def ensure_loaded(self, version: AdapterVersion) -> None:
+        """Load ``version`` into the replica unless it is already there."""
+        name = version.lora_name
+        if name in self._resident:
+            return
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        try:
+            await asyncio.wait_for(lock.acquire(), timeout=self.load_wait_s)
+        except TimeoutError:
+            raise Unavailable(f"adapter {name} is still loading", retry_after=1.0, code="adapter_loading") from None
+        try:
+            if name in self._resident:
+                return
+            await self._reserve_slot(name)
+            try:
+                await self._load(version)
+            finally:
+                self._reserved -= 1
+        finally:
+            lock.release()
+
+    async def _load(self, version: AdapterVersion) -> None:
+        name = version.lora_name
+        started = time.perf_counter()
+        try:
+            await self.replica.load_adapter(name, str(version.path))
+        except Exception:
+            self.metrics.adapter_loads.labels(name, "error").inc()
+            raise
+        self.metrics.adapter_loads.labels(name, "ok").inc()
+        self.metrics.adapter_load_seconds.labels(name).observe(time.perf_counter() - started)
+        self._resident[name] = _Resident(loaded_at=time.monotonic())
+        self.metrics.adapters_resident.set(len(self._resident))
+        log.info("loaded %s from %s in %.0f ms", name, version.path, 1000 * (time.perf_counter() - started))
+
+    async def _reserve_slot(self, name: str) -> None:
+        async with self._slots:
+            while len(self._resident) + self._reserved >= self.capacity:
+                victim = next((n for n, r in self._resident.items() if r.in_flight == 0), None)
+                if victim is None:
+                    raise Unavailable(
+                        f"all {self.capacity} adapter slots hold adapters with requests in flight; "
+                        f"cannot load {name} now",
+                        retry_after=1.0,
+                        code="adapter_slots_busy",
+                    )
+                del self._resident[victim]
+                self.metrics.adapters_resident.set(len(self._resident))
+                self.metrics.adapter_unloads.labels(victim).inc()
+                log.info("unloading %s to make room for %s", victim, name)
+                await self.replica.unload_adapter(victim)
+            self._reserved += 1
+
+    def reconcile(self, present: set[str], polled_since: float) -> None:
+        """Forget versions the replica no longer lists (it restarted), unless loaded after the poll began."""
+        gone = [n for n, r in self._resident.items() if n not in present and r.loaded_at < polled_since]
+        for name in gone:
+            if self._resident[name].in_flight == 0:
+                del self._resident[name]
+                log.warning("vLLM at %s no longer has %s; it will be loaded again on use", self.replica.url, name)
+        self.metrics.adapters_resident.set(len(self._resident))
+
+    def forget(self, name: str) -> None:
+        """Drop one version from the table (vLLM said it does not know it)."""
+        resident = self._resident.pop(name, None)
+        if resident is not None:
+            self.metrics.adapters_resident.set(len(self._resident))
+
+    async def unload_all(self) -> None:
+        """Best-effort unload of everything this gateway loaded, at shutdown."""
+        for name in list(self._resident):
+            try:
+                await self.replica.unload_adapter(name)
+            except Exception as exc:  # vLLM may already be gone; nothing to clean then.
+                log.info("could not unload %s at shutdown: %s", name, exc)
+        self._resident.clear()
+        self.metrics.adapters_resident.set(0)
+
+    def forget_all(self) -> None:
+        """The replica went away: nothing can be assumed loaded when it returns."""
+        for name in [n for n, r in self._resident.items() if r.in_flight == 0]:
+            del self._resident[name]
+        self.metrics.adapters_resident.set(len(self._resident))

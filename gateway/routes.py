@@ -1,0 +1,109 @@
+"""The OpenAI-compatible endpoints: generation, models, health and metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.responses import Response
+
+from gateway.deps import Gateway, GatewayDep
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from quiver.errors import InvalidRequest, ModelNotFound
+
+router = APIRouter()
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> tuple[dict[str, Any], BaseModel]:
+    """Decode and check a JSON body; every problem is a 400 naming the parameter."""
+    try:
+        payload = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    try:
+        return payload, model.model_validate(payload)
+    except ValidationError as exc:
+        raise invalid_from(exc) from None
+
+
+def invalid_from(exc: ValidationError) -> InvalidRequest:
+    """The first pydantic error as an OpenAI-style invalid request."""
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    return InvalidRequest(f"{param}: {first['msg']}" if param else str(first["msg"]), param=param)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, gateway: GatewayDep) -> Response:
+    """OpenAI chat completions, plain or streamed."""
+    payload, parsed = parse_body(await request.body(), ChatCompletionRequest)
+    assert isinstance(parsed, ChatCompletionRequest)
+    return await gateway.proxy.generate("/v1/chat/completions", payload, parsed.stream)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, gateway: GatewayDep) -> Response:
+    """OpenAI text completions, plain or streamed."""
+    payload, parsed = parse_body(await request.body(), CompletionRequest)
+    assert isinstance(parsed, CompletionRequest)
+    return await gateway.proxy.generate("/v1/completions", payload, parsed.stream)
+
+
+def model_cards(gateway: Gateway) -> list[ModelCard]:
+    """The base under each of its names, then every adapter name, version and alias."""
+    base = gateway.router.base_model or "base"
+    root = str(gateway.settings.base_model_path or gateway.replica.model_root or base)
+    now = int(time.time())
+    cards = [ModelCard(id=name, created=now, owned_by="quiver", root=root) for name in gateway.router.base_names()]
+    for model_id, version in gateway.registry.catalog.model_ids().items():
+        cards.append(
+            ModelCard(
+                id=model_id,
+                created=int(version.created_at.timestamp()),
+                owned_by="quiver",
+                root=version.lora_name,
+                parent=base,
+            )
+        )
+    return cards
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(gateway: GatewayDep) -> ModelList:
+    """Every model string this gateway answers to."""
+    return ModelList(data=model_cards(gateway))
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def get_model(model_id: str, gateway: GatewayDep) -> ModelCard:
+    """One model string, or 404 ``model_not_found``."""
+    for card in model_cards(gateway):
+        if card.id == model_id:
+            return card
+    raise ModelNotFound(f"The model `{model_id}` does not exist", param="model")
+
+
+@router.get("/health")
+async def health(gateway: GatewayDep) -> JSONResponse:
+    """200 while vLLM answers; 503 with the reason otherwise."""
+    replica = gateway.replica
+    body = {
+        "status": "ok" if replica.state == "up" else "unavailable",
+        "vllm": {"url": replica.url, "state": replica.state, "model": replica.served_model},
+        "adapters_loaded": gateway.residency.loaded,
+    }
+    if replica.state == "up":
+        return JSONResponse(body)
+    return JSONResponse(body, status_code=503, headers={"retry-after": "2"})
+
+
+@router.get("/metrics")
+async def metrics(gateway: GatewayDep) -> Response:
+    """Prometheus text exposition."""
+    return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

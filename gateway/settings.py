@@ -1,0 +1,88 @@
+"""Gateway configuration from ``QUIVER_*`` environment variables, validated at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# vLLM only accepts these values for --max-lora-rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def default_data_dir() -> Path:
+    """Where the registry database and adapter store live unless configured."""
+    return Path.home() / ".local" / "share" / "quiver"
+
+
+class Settings(BaseSettings):
+    """Everything the gateway needs to start; each field is the env var ``QUIVER_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="QUIVER_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Interface the gateway listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+    vllm_url: str = Field("http://127.0.0.1:8001", description="Base URL of the vLLM server.")
+    base_model: str | None = Field(
+        None, description="Name vLLM serves the base model under; asked from vLLM when unset."
+    )
+    base_model_path: Path | None = Field(
+        None, description="Base model directory; uploads are checked against its architecture."
+    )
+    data_dir: Path = Field(default_factory=default_data_dir, description="Registry and store root.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the registry; default SQLite in the data dir."
+    )
+    store_dir: Path | None = Field(None, description="Adapter files; default DATA_DIR/adapters.")
+    max_loras: int = Field(4, ge=1, description="Adapters kept loaded in vLLM (LRU beyond this).")
+    max_lora_rank: int = Field(16, description="vLLM's --max-lora-rank; larger uploads are refused.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Connecting to vLLM.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Waiting for vLLM's next byte.")
+    adapter_load_timeout_s: float = Field(60.0, gt=0, description="One adapter load into vLLM.")
+    health_interval_s: float = Field(1.0, gt=0, description="How often vLLM is polled.")
+    registry_refresh_s: float = Field(1.0, gt=0, description="How often outside registry writes are seen.")
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest adapter archive accepted.")
+    log_level: str = Field("info", description="uvicorn log level.")
+
+    @field_validator("vllm_url")
+    @classmethod
+    def _url_has_scheme(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"QUIVER_VLLM_URL must start with http:// or https://, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_allowed_by_vllm(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(f"QUIVER_MAX_LORA_RANK must be one of {VLLM_LORA_RANKS}, got {value}")
+        return value
+
+    @field_validator("base_model_path")
+    @classmethod
+    def _base_model_dir_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value / "config.json").is_file():
+            raise ValueError(f"QUIVER_BASE_MODEL_PATH {value} has no config.json")
+        return value
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser()
+        if self.store_dir is None:
+            self.store_dir = self.data_dir / "adapters"
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'registry.db'}"
+        return self
+
+    @property
+    def registry_url(self) -> str:
+        """The resolved SQLAlchemy URL."""
+        assert self.database_url is not None
+        return self.database_url
+
+    @property
+    def adapter_store(self) -> Path:
+        """The resolved adapter store directory."""
+        assert self.store_dir is not None
+        return self.store_dir

@@ -1,0 +1,159 @@
+"""The ``quiver`` command line: one typer app with a subcommand group per package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quiver.errors import QuiverError
+
+app = typer.Typer(no_args_is_help=True, help="Serve many LoRA adapters over one base model.")
+adapters_app = typer.Typer(no_args_is_help=True, help="The adapter registry.")
+model_app = typer.Typer(no_args_is_help=True, help="The embedded base model.")
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(model_app, name="model")
+
+console = Console()
+err = Console(stderr=True)
+
+
+@app.command()
+def up(
+    model: Annotated[str | None, typer.Option(help="Base model directory or hub name (default: embedded SmolLM2-135M-Instruct).")] = None,
+    vllm_url: Annotated[str | None, typer.Option(help="Use an already running vLLM instead of starting one.")] = None,
+    host: Annotated[str, typer.Option(envvar="QUIVER_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="QUIVER_PORT")] = 8000,
+    vllm_port: Annotated[int, typer.Option(envvar="QUIVER_VLLM_PORT")] = 8001,
+    max_loras: Annotated[int, typer.Option(envvar="QUIVER_MAX_LORAS")] = 4,
+    max_lora_rank: Annotated[int, typer.Option(envvar="QUIVER_MAX_LORA_RANK")] = 16,
+) -> None:
+    """Start vLLM and the gateway; Ctrl-C stops both."""
+    from quiver import up as up_module
+
+    up_module.run(
+        model=model, vllm_url=vllm_url, host=host, port=port, vllm_port=vllm_port,
+        max_loras=max_loras, max_lora_rank=max_lora_rank, console=console,
+    )
+
+
+@model_app.command("prepare")
+def model_prepare() -> None:
+    """Convert the embedded model once (cached) and print its directory."""
+    from quiver import embedded
+
+    print(embedded.prepare(console=err))
+
+
+def _registry():  # type: ignore[no-untyped-def]
+    from adapters import BaseModelSpec, Registry
+    from gateway.settings import Settings
+
+    settings = Settings()
+    base = None
+    if settings.base_model_path is not None:
+        base = BaseModelSpec.from_model_dir(settings.base_model_path, settings.base_model)
+    else:
+        from quiver import embedded
+
+        if embedded.verify(embedded.model_dir()):
+            base = BaseModelSpec.from_model_dir(embedded.model_dir(), embedded.SERVED_NAME)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return Registry.open(
+        settings.registry_url, settings.adapter_store, base=base, max_lora_rank=settings.max_lora_rank,
+        reserved_names=frozenset({"base", "auto"}),
+    )
+
+
+def _fail(exc: QuiverError) -> None:
+    err.print(f"[red]error[/] ({exc.code}): {exc.message}")
+    raise typer.Exit(1)
+
+
+@adapters_app.command("push")
+def adapters_push(
+    directory: Annotated[Path, typer.Argument(exists=True, file_okay=True, help="PEFT adapter directory or archive.")],
+    name: Annotated[str, typer.Option(help="Adapter name.")],
+) -> None:
+    """Validate and register a new version of an adapter."""
+    registry = _registry()
+    try:
+        with err.status(f"Validating and storing {directory}"):
+            if directory.is_dir():
+                result = registry.push_dir(name, directory)
+            else:
+                result = registry.push_archive(name, directory)
+    except QuiverError as exc:
+        _fail(exc)
+    finally:
+        registry.close()
+    v = result.version
+    state = "created" if result.created else "already registered as"
+    console.print(f"{state} [bold]{v.lora_name}[/] (rank {v.rank}, sha256 {v.sha256[:12]})")
+
+
+@adapters_app.command("list")
+def adapters_list() -> None:
+    """List adapters, versions and aliases."""
+    registry = _registry()
+    try:
+        adapters = registry.adapters()
+    finally:
+        registry.close()
+    table = Table("adapter", "version", "rank", "sha256", "aliases", "created")
+    for adapter in adapters:
+        for v in adapter.versions:
+            aliases = ", ".join(sorted(a for a, n in adapter.aliases.items() if n == v.number))
+            table.add_row(adapter.name, f"v{v.number}", str(v.rank), v.sha256[:12], aliases, f"{v.created_at:%Y-%m-%d %H:%M}")
+    console.print(table)
+
+
+@adapters_app.command("alias")
+def adapters_alias(name: str, alias: str, version: int) -> None:
+    """Point NAME@ALIAS at a version (e.g. `quiver adapters alias support prod 3`)."""
+    registry = _registry()
+    try:
+        registry.set_alias(name, alias, version)
+    except QuiverError as exc:
+        _fail(exc)
+    finally:
+        registry.close()
+    console.print(f"{name}@{alias} -> {name}@v{version}")
+
+
+@adapters_app.command("rm")
+def adapters_rm(name: str, version: Annotated[int, typer.Option(help="Version number to delete.")]) -> None:
+    """Delete one version (refused while an alias points at it)."""
+    registry = _registry()
+    try:
+        registry.delete_version(name, version)
+    except QuiverError as exc:
+        _fail(exc)
+    finally:
+        registry.close()
+    console.print(f"deleted {name}@v{version}")
+
+
+@app.command()
+def bench(
+    vllm_url: Annotated[str | None, typer.Option(help="Benchmark against this vLLM instead of starting one.")] = None,
+    rounds: Annotated[int, typer.Option(help="Alternating rounds per comparison.")] = 6,
+    requests: Annotated[int, typer.Option(help="Requests per side at concurrency 1 (more at 16).")] = 120,
+    out: Annotated[Path, typer.Option(help="Results directory.")] = Path("bench/results"),
+) -> None:
+    """Gateway vs vLLM direct, side by side: added latency and throughput ratio."""
+    from loadtest import bench as bench_module
+
+    bench_module.run(vllm_url, rounds, requests, out, console)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

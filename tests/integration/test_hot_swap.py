@@ -1,0 +1,128 @@
+"""Adapters hot-swapped into the shared base: resolution, aliases, single loads, the LRU."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+
+from quiver import embedded
+from quiver.vllm_server import VllmServer
+from tests.integration.openai_helpers import QUESTION, client, greedy, push
+from tests.servers import GatewayServer
+
+
+def test_adapter_answer_differs_from_base_and_equals_vllm_direct(
+    gateway: GatewayServer, vllm: VllmServer, lora_dirs: tuple[Path, ...], unique_name: str
+) -> None:
+    assert push(gateway.url, unique_name, lora_dirs[0]).status_code == 201
+    via_gateway, headers = greedy(gateway.url, unique_name)
+    assert headers["x-quiver-served-by"] == f"{unique_name}@v1"
+    base, _ = greedy(gateway.url, "base")
+    assert via_gateway != base
+
+    direct_name = f"{unique_name}-direct"
+    loaded = httpx.post(f"{vllm.url}/v1/load_lora_adapter",
+                        json={"lora_name": direct_name, "lora_path": str(lora_dirs[0])}, timeout=60)
+    assert loaded.status_code == 200, loaded.text
+    try:
+        direct, _ = greedy(vllm.url, direct_name)
+    finally:
+        httpx.post(f"{vllm.url}/v1/unload_lora_adapter", json={"lora_name": direct_name}, timeout=60)
+    assert via_gateway == direct
+
+
+def test_model_strings_and_alias_switch(gateway: GatewayServer, lora_dirs: tuple[Path, ...], unique_name: str) -> None:
+    name = unique_name
+    assert push(gateway.url, name, lora_dirs[0]).json()["version"]["version"] == 1
+    assert push(gateway.url, name, lora_dirs[1]).json()["version"]["version"] == 2
+    v1, _ = greedy(gateway.url, f"{name}@v1")
+    v2, _ = greedy(gateway.url, f"{name}@v2")
+    assert v1 != v2
+
+    _, headers = greedy(gateway.url, name)
+    assert headers["x-quiver-served-by"] == f"{name}@v2", "no prod alias: the name means the latest version"
+
+    assert httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 1}).status_code == 200
+    text, headers = greedy(gateway.url, name)
+    assert headers["x-quiver-served-by"] == f"{name}@v1" and text == v1
+    _, headers = greedy(gateway.url, f"{name}@prod")
+    assert headers["x-quiver-served-by"] == f"{name}@v1"
+
+    assert httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 2}).status_code == 200
+    text, headers = greedy(gateway.url, name)
+    assert headers["x-quiver-served-by"] == f"{name}@v2" and text == v2
+
+    models = {m.id: m for m in client(gateway.url).models.list()}
+    for model_id in (name, f"{name}@v1", f"{name}@v2", f"{name}@prod"):
+        assert models[model_id].parent == embedded.SERVED_NAME  # type: ignore[attr-defined]
+
+
+def test_twenty_concurrent_first_requests_make_one_load(
+    gateway: GatewayServer, lora_dirs: tuple[Path, ...], unique_name: str
+) -> None:
+    push(gateway.url, unique_name, lora_dirs[2])
+    lora = f"{unique_name}@v1"
+
+    async def burst() -> list[str]:
+        c = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        async with c:
+            answers = await asyncio.gather(*(
+                c.chat.completions.with_raw_response.create(model=unique_name, messages=QUESTION, max_tokens=4)  # type: ignore[arg-type]
+                for _ in range(20)
+            ))
+        return [a.headers["x-quiver-served-by"] for a in answers]
+
+    assert asyncio.run(burst()) == [lora] * 20
+    assert gateway.metric("quiver_adapter_loads_total", adapter=lora, outcome="ok") == 1
+
+
+def test_lru_unloads_least_recently_used_beyond_the_bound(
+    gateway: GatewayServer, vllm: VllmServer, lora_dirs: tuple[Path, ...], unique_name: str
+) -> None:
+    names = [f"{unique_name}{i}" for i in range(3)]
+    for name, directory in zip(names, lora_dirs, strict=True):
+        push(gateway.url, name, directory)
+    for name in names:  # gateway bound is 2, so the third evicts the first
+        greedy(gateway.url, name, max_tokens=2)
+    assert gateway.gateway.residency.loaded == [f"{names[1]}@v1", f"{names[2]}@v1"]
+    in_vllm = {m["id"] for m in httpx.get(f"{vllm.url}/v1/models").json()["data"]}
+    assert f"{names[0]}@v1" not in in_vllm and f"{names[2]}@v1" in in_vllm
+    assert gateway.metric("quiver_adapter_unloads_total", adapter=f"{names[0]}@v1") == 1
+    # Using the evicted one again loads it again and answers.
+    _, headers = greedy(gateway.url, names[0], max_tokens=2)
+    assert headers["x-quiver-served-by"] == f"{names[0]}@v1"
+    assert gateway.metric("quiver_adapter_loads_total", adapter=f"{names[0]}@v1", outcome="ok") == 2
+
+
+def test_request_in_flight_finishes_on_its_version_when_the_alias_moves(
+    gateway: GatewayServer, lora_dirs: tuple[Path, ...], unique_name: str
+) -> None:
+    name = unique_name
+    push(gateway.url, name, lora_dirs[0])
+    push(gateway.url, name, lora_dirs[1])
+    httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 1})
+    expected, _ = greedy(gateway.url, name, max_tokens=48)
+
+    first_chunk = threading.Event()
+    body = {"model": name, "messages": QUESTION, "max_tokens": 48, "temperature": 0, "seed": 0, "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.headers["x-quiver-served-by"] == f"{name}@v1"
+        pieces = []
+        for line in response.iter_lines():
+            if not first_chunk.is_set():
+                first_chunk.set()
+                moved = httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 2})
+                assert moved.status_code == 200
+                _, headers = greedy(gateway.url, name, max_tokens=1)
+                assert headers["x-quiver-served-by"] == f"{name}@v2"
+            if line.startswith("data: {"):
+                import json
+
+                choices = json.loads(line[6:])["choices"]
+                if choices and choices[0]["delta"].get("content"):
+                    pieces.append(choices[0]["delta"]["content"])
+    assert "".join(pieces) == expected

@@ -1,0 +1,80 @@
+"""Real servers for tests: the gateway in a thread on a free port (vLLM is started by conftest)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import uvicorn
+
+from gateway import Settings, create_app
+from quiver.vllm_server import free_port
+
+
+class GatewayServer:
+    """A gateway served by uvicorn in a background thread, reachable over real HTTP."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings.model_copy(update={"port": free_port(), "host": "127.0.0.1"})
+        self.app = create_app(self.settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port, log_level="warning",
+                                loop="asyncio", http="h11", lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start; see the log above")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(30)
+
+    @property
+    def gateway(self):  # type: ignore[no-untyped-def]
+        """The running parts, for white-box assertions (residency, metrics)."""
+        return self.app.state.gateway
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Current value of one sample of the gateway's Prometheus metrics (0 when absent)."""
+        value = self.gateway.metrics.registry.get_sample_value(name, labels)
+        return float(value or 0.0)
+
+
+@contextmanager
+def running_gateway(settings: Settings) -> Iterator[GatewayServer]:
+    """Start a gateway for the duration of the block."""
+    server = GatewayServer(settings)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def wait_until(predicate, timeout_s: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Poll an externally observable condition (a server coming up) with a deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
