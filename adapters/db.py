@@ -31,6 +31,9 @@ adapters = Table(
     metadata,
     Column("name", String(64), primary_key=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # The highest number ever given: numbers are never reused after a delete, because a replica may
+    # still hold the deleted name@vN loaded under that name.
+    Column("last_number", Integer, nullable=False),
 )
 
 versions = Table(

@@ -141,13 +141,15 @@ class Registry:
         if existing is not None:  # a concurrent push of the same content won
             return PushResult(existing, created=False)
         now = datetime.now(UTC)
-        if conn.scalar(select(db.adapters.c.name).where(db.adapters.c.name == name)) is None:
-            conn.execute(insert(db.adapters).values(name=name, created_at=now))
-        latest = conn.scalar(select(func.max(db.versions.c.number)).where(db.versions.c.adapter_name == name))
+        last = conn.scalar(select(db.adapters.c.last_number).where(db.adapters.c.name == name))
+        if last is None:
+            conn.execute(insert(db.adapters).values(name=name, created_at=now, last_number=0))
+        number = (last or 0) + 1
+        conn.execute(update(db.adapters).where(db.adapters.c.name == name).values(last_number=number))
         conn.execute(
             insert(db.versions).values(
                 adapter_name=name,
-                number=(latest or 0) + 1,
+                number=number,
                 sha256=sha256,
                 path=final.relative_to(self._store.root).as_posix(),
                 rank=info.rank,

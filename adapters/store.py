@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 _CHUNK = 1024 * 1024
@@ -46,7 +46,7 @@ class LocalStore:
         try:
             yield path
         finally:
-            shutil.rmtree(path, ignore_errors=True)
+            _delete_tree(path)
 
     def commit(self, staged: Path, name: str, sha256: str) -> Path:
         """Make ``staged`` the durable, read-only version directory ``<root>/<name>/<sha256>/``.
@@ -55,11 +55,10 @@ class LocalStore:
         """
         final = self.root / name / sha256
         # Children before parents, so that each directory is flushed after what it lists.
-        for path in sorted(staged.rglob("*"), reverse=True):
-            if path.is_file():
-                path.chmod(0o444)
+        for path in [*sorted(staged.rglob("*"), reverse=True), staged]:
+            # Read-only for everyone: vLLM may run as another user; nobody may change a version.
+            path.chmod(0o444 if path.is_file() else 0o555)
             _fsync(path)
-        _fsync(staged)
         for _ in range(3):  # a concurrent delete may remove <root>/<name> between mkdir and rename
             if not final.parent.is_dir():
                 final.parent.mkdir(exist_ok=True)
@@ -82,7 +81,7 @@ class LocalStore:
 
     def remove(self, path: Path, *, keep_parent: bool = False) -> None:
         """Delete a version directory, and its adapter's directory once that is empty."""
-        shutil.rmtree(path, ignore_errors=True)
+        _delete_tree(path)
         if not keep_parent:
             try:
                 path.parent.rmdir()
@@ -102,9 +101,17 @@ class LocalStore:
             except FileNotFoundError:
                 continue  # its push just finished
             if stale:
-                shutil.rmtree(path, ignore_errors=True)
+                _delete_tree(path)
                 removed += 1
         return removed
+
+
+def _delete_tree(path: Path) -> None:
+    """``rmtree`` that also deletes trees ``commit`` made read-only; a missing tree is fine."""
+    with suppress(FileNotFoundError):
+        for directory in [path, *(p for p in path.rglob("*") if p.is_dir() and not p.is_symlink())]:
+            directory.chmod(0o755)  # entries of a read-only directory cannot be unlinked
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:

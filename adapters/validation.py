@@ -175,10 +175,19 @@ def _check_weights(
         raise InvalidAdapter(f"{WEIGHTS_FILE} is not a readable safetensors file: {e}") from e
     with weights:
         keys: list[str] = list(weights.keys())  # type: ignore[no-untyped-call]
-        halves = _pair_keys(keys)
+        halves, others = _pair_keys(keys)
+        # Say "LoRA on the LM head" before "stray lm_head weight": PEFT saves both for such a target.
+        for module in sorted(halves):
+            _check_target(module, base)
+        if others:
+            raise InvalidAdapter(_unexpected_tensor(others[0]))
+        if not halves:
+            raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA tensors")
         ranks: dict[str, int] = {}
         for module, pair in sorted(halves.items()):
-            _check_target(module, base)
+            for half in ("A", "B"):
+                if half not in pair:
+                    raise InvalidAdapter(f"layer '{module}' has no lora_{half} tensor")
             rank = _module_rank(module, r, rank_pattern)
             a: torch.Tensor = weights.get_tensor(pair["A"])  # type: ignore[no-untyped-call]
             b: torch.Tensor = weights.get_tensor(pair["B"])  # type: ignore[no-untyped-call]
@@ -200,10 +209,14 @@ def _check_weights(
     return ranks, len(keys)
 
 
-def _pair_keys(keys: list[str]) -> dict[str, dict[str, str]]:
-    """Group tensor names by module: ``{module: {"A": key, "B": key}}``; refuse anything else."""
+def _pair_keys(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Group LoRA tensor names by module (``{module: {"A": key, "B": key}}``) and list the rest.
+
+    Bias, DoRA and embedding-LoRA tensors are refused here, by name.
+    """
     halves: dict[str, dict[str, str]] = {}
-    for key in keys:
+    others: list[str] = []
+    for key in sorted(keys):
         if key.endswith(".bias"):
             raise InvalidAdapter(f"tensor '{key}' is a bias; vLLM serves LoRA adapters without bias weights")
         if "lora_embedding_" in key:
@@ -212,17 +225,19 @@ def _pair_keys(keys: list[str]) -> dict[str, dict[str, str]]:
             raise InvalidAdapter(f"tensor '{key}' is a DoRA magnitude; DoRA adapters are not supported by vLLM")
         match = _LORA_KEY.fullmatch(key)
         if match is None:
-            raise InvalidAdapter(
-                f"unexpected tensor '{key}'; expected base_model.model.<module>.lora_A.weight / lora_B.weight"
-            )
-        halves.setdefault(match["module"], {})[match["half"]] = key
-    if not halves:
-        raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA tensors")
-    for module, pair in sorted(halves.items()):
-        for half in ("A", "B"):
-            if half not in pair:
-                raise InvalidAdapter(f"layer '{module}' has no lora_{half} tensor")
-    return halves
+            others.append(key)
+        else:
+            halves.setdefault(match["module"], {})[match["half"]] = key
+    return halves, others
+
+
+def _unexpected_tensor(key: str) -> str:
+    if "lora_" not in key and key.endswith(".weight"):
+        return (
+            f"tensor '{key}' is a full base-model weight (saved by modules_to_save or save_embedding_layers); "
+            "an adapter here holds LoRA weights only"
+        )
+    return f"unexpected tensor '{key}'; expected base_model.model.<module>.lora_A.weight / lora_B.weight"
 
 
 def _check_target(module: str, base: BaseModelSpec | None) -> None:

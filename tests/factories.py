@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 import tarfile
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -83,16 +84,20 @@ def make_lora_adapter(
         lora_dropout=0.0,
         bias="none",
     )
-    peft_model = get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(peft_model.named_parameters()):
-            if "lora_A" in name or "lora_embedding_A" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
-            elif "lora_B" in name or "lora_embedding_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(out_dir)
+    with warnings.catch_warnings():
+        # Targeting a (tied) embedding is how the bad "LoRA on lm_head" adapters are made on purpose.
+        warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Setting `save_embedding_layers`", category=UserWarning)
+        peft_model = get_peft_model(model, config)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in sorted(peft_model.named_parameters()):
+                if "lora_A" in name or "lora_embedding_A" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
+                elif "lora_B" in name or "lora_embedding_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * scale)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        peft_model.save_pretrained(out_dir)
     if base_model_name_or_path is not None:
         edit_config(out_dir, base_model_name_or_path=base_model_name_or_path)
     return out_dir

@@ -20,8 +20,14 @@ from quiver.errors import InvalidRequest, Unavailable, UpstreamError, UpstreamTi
 
 def version(name: str, number: int = 1) -> AdapterVersion:
     return AdapterVersion(
-        name=name, number=number, sha256="0" * 64, path=Path(f"/store/{name}/{number}"), rank=8,
-        target_modules=("q_proj",), size_bytes=1, created_at=datetime.now(UTC),
+        name=name,
+        number=number,
+        sha256="0" * 64,
+        path=Path(f"/store/{name}/{number}"),
+        rank=8,
+        target_modules=("q_proj",),
+        size_bytes=1,
+        created_at=datetime.now(UTC),
     )
 
 
@@ -107,7 +113,9 @@ async def test_transport_failures_map_to_status(exc: Exception, expected: type, 
 
 
 async def test_upstream_4xx_keeps_status_and_message() -> None:
-    body = {"error": {"message": "max_tokens is too large", "type": "BadRequestError", "param": "max_tokens", "code": 400}}
+    body = {
+        "error": {"message": "max_tokens is too large", "type": "BadRequestError", "param": "max_tokens", "code": 400}
+    }
     replica = _replica(httpx.MockTransport(lambda r: httpx.Response(400, json=body)))
     with pytest.raises(InvalidRequest) as caught:
         await replica.open("/v1/chat/completions", b"{}")
@@ -116,15 +124,19 @@ async def test_upstream_4xx_keeps_status_and_message() -> None:
 
 
 async def test_load_of_an_already_loaded_name_is_success() -> None:
-    replica = _replica(httpx.MockTransport(
-        lambda r: httpx.Response(400, json={"error": {"message": "The lora adapter 'a' has already been loaded."}})
-    ))
+    replica = _replica(
+        httpx.MockTransport(
+            lambda r: httpx.Response(400, json={"error": {"message": "The lora adapter 'a' has already been loaded."}})
+        )
+    )
     await replica.load_adapter("a", "/x")
 
 
 def test_usage_is_read_from_the_tail() -> None:
-    stream = (b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'
-              b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\ndata: [DONE]\n\n')
+    stream = (
+        b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\ndata: [DONE]\n\n'
+    )
     assert usage_of(stream) == {"prompt_tokens": 3, "completion_tokens": 2}
     assert usage_of(b'data: {"choices":[]}\n\n') is None
 

@@ -1,0 +1,127 @@
+"""A throwaway PostgreSQL cluster for tests: ``initdb`` into a temporary directory, a free port, gone after.
+
+Use the ``postgres_cluster`` session fixture (import it into a test module or conftest); it skips,
+saying why, where the PostgreSQL server binaries are not installed (``apt-get install postgresql``).
+PostgreSQL refuses to run as root, so as root the server runs as the ``postgres`` user.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+_USER = "quiver"
+
+
+@dataclass
+class PostgresCluster:
+    """A running server on 127.0.0.1:``port`` that trusts ``user``; ``create_database`` gives each test its own."""
+
+    port: int
+    user: str = _USER
+    _names: Iterator[int] = field(default_factory=itertools.count)
+
+    def url(self, database: str = "postgres") -> str:
+        """The SQLAlchemy URL of ``database``."""
+        return f"postgresql+psycopg2://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        """A new empty database; returns its URL."""
+        name = f"test_{next(self._names)}"
+        engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+        finally:
+            engine.dispose()
+        return self.url(name)
+
+
+def find_bindir() -> Path | None:
+    """The directory holding ``initdb`` and ``pg_ctl``, or None where PostgreSQL is not installed."""
+    candidates = [shutil.which("initdb"), *sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)]
+    for initdb in candidates:
+        if initdb and (Path(initdb).resolve().parent / "pg_ctl").exists():
+            return Path(initdb).resolve().parent
+    return None
+
+
+def skip_reason() -> str | None:
+    """Why a cluster cannot be started here, or None."""
+    if find_bindir() is None:
+        return "PostgreSQL server binaries not found (no initdb on PATH or in /usr/lib/postgresql/*/bin)"
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root and there is no 'postgres' user to run the server as"
+        if shutil.which("runuser") is None:
+            return "running as root and there is no runuser to start the server as 'postgres'"
+    return None
+
+
+@contextmanager
+def running_postgres() -> Iterator[PostgresCluster]:
+    """Start a fast, non-durable cluster (fsync off) and remove it on exit."""
+    bindir = find_bindir()
+    assert bindir is not None, skip_reason()
+    # Not under pytest's tmp_path: as root that sits in a 0700 directory the postgres user cannot enter.
+    root = Path(tempfile.mkdtemp(prefix="quiver-pg-"))
+    data, log = root / "data", root / "server.log"
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    options = (
+        f"-p {port} -k {root} -c listen_addresses=127.0.0.1 "
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    )
+
+    def run(*args: str) -> None:
+        result = subprocess.run([*prefix, *args], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            server_log = log.read_text() if log.exists() else ""
+            raise RuntimeError(f"{' '.join(args)} failed:\n{result.stdout}{result.stderr}{server_log}")
+
+    try:
+        run(str(bindir / "initdb"), "-D", str(data), "-U", _USER, "-A", "trust", "-E", "UTF8",
+            "--no-locale", "--no-sync")  # fmt: skip
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start")
+        try:
+            yield PostgresCluster(port=port)
+        finally:
+            run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One PostgreSQL server for the test session; skips where none can run."""
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with running_postgres() as cluster:
+        yield cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
