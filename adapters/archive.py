@@ -138,9 +138,12 @@ def _open_file_target(name: str, target: Path) -> Path:
 
 def _extract_tar(archive: Path, dest: Path, budget: _Budget) -> None:
     try:
-        tar = tarfile.open(archive, mode="r:*")
-    except (tarfile.TarError, OSError) as e:
-        raise InvalidArchive("upload is not a tar, tar.gz or zip archive") from e
+        with _reading(None):
+            tar = tarfile.open(archive, mode="r:*")
+    except InvalidArchive as e:
+        if isinstance(e.__cause__, tarfile.ReadError):  # no known format matched
+            raise InvalidArchive("upload is not a tar, tar.gz or zip archive") from e.__cause__
+        raise
     with tar:
         while True:
             with _reading(None):

@@ -13,7 +13,7 @@ import shutil
 import tarfile
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -237,19 +237,19 @@ def zip_of(directory: Path, out: Path, *, top: str | None = "adapter") -> Path:
 
 def tar_with(
     out: Path,
-    files: Mapping[str, bytes] = {},  # noqa: B006 - read only
+    files: Mapping[str, bytes] | Sequence[tuple[str, bytes]] = (),
     *,
-    symlinks: Mapping[str, str] = {},  # noqa: B006 - read only
-    hardlinks: Mapping[str, str] = {},  # noqa: B006 - read only
-    fifos: tuple[str, ...] = (),
+    symlinks: Mapping[str, str] | None = None,
+    hardlinks: Mapping[str, str] | None = None,
+    fifos: Sequence[str] = (),
 ) -> Path:
-    """A tar.gz with exactly these members, names taken as given (``/etc/x``, ``../x`` included)."""
+    """A tar.gz with exactly these members, names taken as given (``/etc/x``, ``../x``, repeats included)."""
     with tarfile.open(out, "w:gz") as tar:
-        for name, data in files.items():
+        for name, data in files.items() if isinstance(files, Mapping) else files:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-        for kind, links in ((tarfile.SYMTYPE, symlinks), (tarfile.LNKTYPE, hardlinks)):
+        for kind, links in ((tarfile.SYMTYPE, symlinks or {}), (tarfile.LNKTYPE, hardlinks or {})):
             for name, target in links.items():
                 info = tarfile.TarInfo(name)
                 info.type = kind
@@ -262,17 +262,12 @@ def tar_with(
     return out
 
 
-def zip_with(
-    out: Path,
-    files: Mapping[str, bytes] = {},  # noqa: B006 - read only
-    *,
-    symlinks: Mapping[str, str] = {},  # noqa: B006 - read only
-) -> Path:
+def zip_with(out: Path, files: Mapping[str, bytes], *, symlinks: Mapping[str, str] | None = None) -> Path:
     """A zip with exactly these members; a symlink is stored the way Info-ZIP stores one."""
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, data in files.items():
             zf.writestr(name, data)
-        for name, target in symlinks.items():
+        for name, target in (symlinks or {}).items():
             info = zipfile.ZipInfo(name)
             info.external_attr = (0o120777 << 16) | 0x20
             zf.writestr(info, target)

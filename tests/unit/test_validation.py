@@ -202,6 +202,14 @@ def test_unexpected_tensor_name_is_refused_by_name(good: Path, base: BaseModelSp
     reject(adapter, base, "unexpected tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight'")
 
 
+def test_full_base_weight_is_refused(good: Path, base: BaseModelSpec, tmp_path: Path) -> None:
+    def add_lm_head(tensors: dict[str, torch.Tensor]) -> None:
+        tensors["base_model.model.lm_head.weight"] = torch.zeros(128, 32)
+
+    adapter = f.edit_weights(f.copy_adapter(good, tmp_path / "a"), add_lm_head)
+    reject(adapter, base, "'base_model.model.lm_head.weight' is a full base-model weight")
+
+
 def test_half_of_a_pair_is_refused(good: Path, base: BaseModelSpec, tmp_path: Path) -> None:
     def drop_b(tensors: dict[str, torch.Tensor]) -> None:
         del tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]

@@ -1,0 +1,70 @@
+"""Real processes: `quiver up` in front of the session's vLLM, the CLI, the official client, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from quiver import embedded
+from quiver.vllm_server import VllmServer, free_port
+from tests.integration.openai_helpers import QUESTION, client, greedy
+from tests.servers import healthy, wait_until
+
+
+def quiver(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "quiver.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_up_push_chat_alias_and_ctrl_c(vllm: VllmServer, lora_dirs: tuple[Path, ...], tmp_path: Path) -> None:
+    port = free_port()
+    env = dict(os.environ, QUIVER_DATA_DIR=str(tmp_path / "data"), QUIVER_BASE_MODEL_PATH=str(embedded.model_dir()))
+    log = (tmp_path / "up.log").open("w")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "quiver.cli", "up", "--vllm-url", vllm.url, "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: up.poll() is None and healthy(url), timeout_s=120, what="quiver up to serve")
+        assert "base" in {m.id for m in client(url).models.list()}
+
+        name = f"e2e{port}"
+        pushed = quiver("adapters", "push", str(lora_dirs[0]), "--name", name, env=env)
+        assert pushed.returncode == 0, pushed.stderr
+        assert f"{name}@v1" in pushed.stdout
+        assert quiver("adapters", "push", str(lora_dirs[1]), "--name", name, env=env).returncode == 0
+        # The CLI wrote to the registry directly; the gateway sees it without a restart.
+        wait_until(lambda: httpx.get(f"{url}/v1/models/{name}@v2").status_code == 200, timeout_s=30,
+                   what="the gateway to see the CLI's push")
+        v1, _ = greedy(url, f"{name}@v1")
+        _, headers = greedy(url, name)
+        assert headers["x-quiver-served-by"] == f"{name}@v2"
+
+        aliased = quiver("adapters", "alias", name, "prod", "1", env=env)
+        assert aliased.returncode == 0, aliased.stderr
+        wait_until(lambda: greedy(url, name, max_tokens=1)[1]["x-quiver-served-by"] == f"{name}@v1", timeout_s=30,
+                   what="the alias move to reach the gateway")
+        assert greedy(url, name)[0] == v1
+
+        listed = quiver("adapters", "list", env=env)
+        assert "prod" in listed.stdout and f"v2" in listed.stdout
+        refused = quiver("adapters", "rm", name, "--version", "1", env=env)
+        assert refused.returncode == 1 and "prod" in refused.stderr
+
+        streamed = client(url).chat.completions.create(model=name, messages=QUESTION, max_tokens=8, stream=True)  # type: ignore[arg-type]
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    finally:
+        up.send_signal(signal.SIGINT)
+        code = up.wait(60)
+        log.close()
+    output = (tmp_path / "up.log").read_text()
+    assert code == 0, output
+    assert "Quiver is serving" in output and f"localhost:{port}" in output
+    assert "Stopped." in output
+    assert not healthy(url)
