@@ -17,7 +17,7 @@ model_app = typer.Typer(no_args_is_help=True, help="The embedded base model.")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(model_app, name="model")
 
-console = Console()
+console = Console(width=140) if not Console().is_terminal else Console()
 err = Console(stderr=True)
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import httpx
 import uvicorn
 from rich.console import Console
-from rich.panel import Panel
 
 from gateway import Settings, create_app
 from quiver import embedded
@@ -30,20 +29,22 @@ def _ask_base(vllm_url: str) -> tuple[str, str | None]:
 
 
 def _banner(console: Console, settings: Settings, base: str, vllm_url: str, started: float) -> None:
-    url = f"http://{'localhost' if settings.host in ('127.0.0.1', '0.0.0.0') else settings.host}:{settings.port}"
+    host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0") else settings.host
+    url = f"http://{host}:{settings.port}"
+    console.rule("[bold green]Quiver is serving")
     console.print(
-        Panel.fit(
-            f"[bold green]Quiver is serving[/] at [bold]{url}[/] (OpenAI API under {url}/v1)\n"
-            f"base model [bold]{base}[/] on vLLM {vllm_url}; up in {time.monotonic() - started:.0f} s\n\n"
-            f"Try:\n"
-            f"  curl {url}/v1/models\n"
-            f"  curl {url}/v1/chat/completions -H 'content-type: application/json' \\\n"
-            f"       -d '{{\"model\": \"base\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
-            f"Push an adapter: quiver adapters push ./my-adapter --name my-adapter\n"
-            f"Ctrl-C stops the gateway and vLLM.",
-            title="quiver up",
-        )
+        f"Quiver is serving at {url} (OpenAI API under {url}/v1)\n"
+        f"base model {base} on vLLM {vllm_url}; up in {time.monotonic() - started:.0f} s\n\n"
+        f"Try:\n"
+        f"  curl {url}/v1/models\n"
+        f"  curl {url}/v1/chat/completions -H 'content-type: application/json' "
+        f"-d '{{\"model\": \"base\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
+        f"Push an adapter: quiver adapters push ./my-adapter --name my-adapter\n"
+        f"Ctrl-C stops the gateway and vLLM.",
+        soft_wrap=True,
+        highlight=False,
     )
+    console.rule()
 
 
 def run(
@@ -103,6 +104,9 @@ def run(
 
         gateway.startup = startup  # type: ignore[method-assign]
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        # One line per health poll would drown what matters.
+        for noisy in ("httpx", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         asyncio.run(gateway.serve())
     except KeyboardInterrupt:
         pass

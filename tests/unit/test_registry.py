@@ -1,0 +1,446 @@
+"""Registry against a real database: SQLite in a file, and PostgreSQL where its server is installed."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import create_engine, text, update
+
+from adapters import BaseModelSpec, Registry, UploadLimits, db
+from adapters.store import digest
+from quiver.errors import Conflict, InvalidAdapter, InvalidArchive, InvalidRequest, ModelNotFound, NotFound
+from tests import factories as f
+from tests.postgres import postgres_cluster  # noqa: F401 - a fixture, used by name
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return f.tiny_llama_model()
+
+
+@pytest.fixture(scope="module")
+def base() -> BaseModelSpec:
+    return BaseModelSpec.from_config(f.tiny_llama_config(), "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three good adapters with different weights: seed0, seed1, seed2."""
+    root = tmp_path_factory.mktemp("adapters")
+    for seed in range(3):
+        f.make_lora_adapter(model, root / f"seed{seed}", seed=seed)
+    return root
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    cluster = request.getfixturevalue("postgres_cluster")
+    url: str = cluster.create_database()
+    return url
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def registry(database_url: str, store: Path, base: BaseModelSpec) -> Iterator[Registry]:
+    with Registry.open(database_url, store, base=base, max_lora_rank=16, reserved_names=frozenset({"base"})) as reg:
+        yield reg
+
+
+def stored_dirs(store: Path) -> list[str]:
+    """Everything in the store but the (empty) staging area."""
+    found = sorted(p.relative_to(store).as_posix() for p in store.rglob("*"))
+    return [p for p in found if p != ".staging"]
+
+
+# -- pushing and versions ------------------------------------------------------------------------
+
+
+def test_push_creates_an_immutable_version(registry: Registry, adapters_dir: Path, store: Path) -> None:
+    result = registry.push_dir("support-bot", adapters_dir / "seed0")
+    v = result.version
+    assert result.created
+    assert (v.name, v.number, v.lora_name, v.rank, v.target_modules) == (
+        "support-bot",
+        1,
+        "support-bot@v1",
+        8,
+        ("q_proj", "v_proj"),
+    )
+    assert v.path == store.resolve() / "support-bot" / v.sha256
+    assert v.sha256 == digest(adapters_dir / "seed0")
+    assert sorted(p.name for p in v.path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert v.size_bytes == sum(p.stat().st_size for p in v.path.iterdir())
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o444 for p in v.path.iterdir())
+    assert not os.access(v.path, os.W_OK) or os.geteuid() == 0  # root ignores modes
+    assert v.created_at.tzinfo is not None
+    assert registry.resolve("support-bot") == v
+
+
+def test_identical_content_returns_the_existing_version(registry: Registry, adapters_dir: Path) -> None:
+    first = registry.push_dir("a", adapters_dir / "seed0").version
+    revision = registry.revision()
+    again = registry.push_dir("a", adapters_dir / "seed0")
+    assert (again.created, again.version) == (False, first)
+    assert registry.revision() == revision  # nothing changed, nothing to refresh
+
+
+def test_new_content_makes_the_next_version(registry: Registry, adapters_dir: Path) -> None:
+    numbers = [registry.push_dir("a", adapters_dir / f"seed{s}").version.number for s in (0, 1, 2)]
+    assert numbers == [1, 2, 3]
+    adapter = registry.adapter("a")
+    assert [v.number for v in adapter.versions] == [1, 2, 3]
+    assert adapter.latest.number == 3
+    assert len({v.path for v in adapter.versions}) == 3
+
+
+def test_same_content_under_two_names_is_two_adapters(registry: Registry, adapters_dir: Path) -> None:
+    a = registry.push_dir("a", adapters_dir / "seed0").version
+    b = registry.push_dir("b", adapters_dir / "seed0").version
+    assert (a.number, b.number) == (1, 1)
+    assert a.path != b.path
+    assert [x.name for x in registry.adapters()] == ["a", "b"]
+
+
+@pytest.mark.parametrize("fmt", ["tar.gz", "zip"])
+def test_archive_push_matches_the_directory_push(
+    fmt: str, registry: Registry, adapters_dir: Path, tmp_path: Path
+) -> None:
+    archive = tmp_path / f"upload.{fmt}"
+    (f.zip_of if fmt == "zip" else f.tar_of)(adapters_dir / "seed0", archive)
+    from_archive = registry.push_archive("a", archive)
+    assert from_archive.created
+    from_dir = registry.push_dir("a", adapters_dir / "seed0")
+    assert (from_dir.created, from_dir.version) == (False, from_archive.version)
+
+
+def test_numbers_are_not_reused_after_a_delete(registry: Registry, adapters_dir: Path) -> None:
+    # vLLM may still hold "a@v2" loaded; a new, different a@v2 would be served with the old weights.
+    registry.push_dir("a", adapters_dir / "seed0")
+    registry.push_dir("a", adapters_dir / "seed1")
+    registry.delete_version("a", 2)
+    assert registry.push_dir("a", adapters_dir / "seed2").version.number == 3
+
+
+def test_concurrent_pushes_of_one_name_get_distinct_numbers(registry: Registry, adapters_dir: Path) -> None:
+    barrier = threading.Barrier(3)
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def push(seed: int) -> None:
+        barrier.wait()
+        try:
+            results.append(registry.push_dir("a", adapters_dir / f"seed{seed}").version.number)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=push, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(results) == [1, 2, 3]
+
+
+def test_push_waits_for_another_writer_and_numbers_after_it(
+    database_url: str, store: Path, base: BaseModelSpec, adapters_dir: Path
+) -> None:
+    with Registry.open(database_url, store, base=base) as registry:
+        registry.push_dir("a", adapters_dir / "seed0")
+        results: list[int] = []
+        pusher = threading.Thread(
+            target=lambda: results.append(registry.push_dir("a", adapters_dir / "seed1").version.number)
+        )
+        other = create_engine(database_url)  # another gateway replica or CLI process, mid-transaction
+        try:
+            with other.begin() as conn:
+                conn.execute(update(db.revision).values(value=db.revision.c.value + 1))
+                pusher.start()
+                pusher.join(timeout=1.0)
+                assert pusher.is_alive(), "the push did not wait for the other writer"
+                # The other writer handed out numbers 2-5 in the meantime.
+                conn.execute(update(db.adapters).where(db.adapters.c.name == "a").values(last_number=5))
+            pusher.join()
+        finally:
+            other.dispose()
+        assert results == [6]
+
+
+def test_concurrent_identical_pushes_make_one_version(registry: Registry, adapters_dir: Path) -> None:
+    barrier = threading.Barrier(3)
+    created: list[bool] = []
+
+    def push() -> None:
+        barrier.wait()
+        created.append(registry.push_dir("a", adapters_dir / "seed0").created)
+
+    threads = [threading.Thread(target=push) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(created) == [False, False, True]
+    assert [v.number for v in registry.adapter("a").versions] == [1]
+
+
+def test_registry_persists_across_reopen(
+    database_url: str, store: Path, base: BaseModelSpec, adapters_dir: Path
+) -> None:
+    with Registry.open(database_url, store, base=base) as first:
+        first.push_dir("a", adapters_dir / "seed0")
+        first.set_alias("a", "prod", 1)
+        revision = first.revision()
+    with Registry.open(database_url, store, base=base) as second:
+        assert second.resolve("a@prod").number == 1
+        assert second.revision() == revision
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path, base: BaseModelSpec) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    Registry.open(url, tmp_path / "store", base=base).close()
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        assert conn.scalar(text("PRAGMA journal_mode")) == "wal"  # persistent, set at open
+    engine.dispose()
+
+
+# -- refusals leave nothing behind ---------------------------------------------------------------
+
+
+def assert_empty(registry: Registry, store: Path, revision: int) -> None:
+    assert registry.adapters() == []
+    assert stored_dirs(store) == []
+    assert registry.revision() == revision
+
+
+BAD_VARIANTS: list[Callable[[Path, Path], Path]] = [
+    f.with_dora,
+    f.with_modules_to_save,
+    f.with_bias_tensor,
+    f.with_rank,
+    f.with_nan,
+    f.with_wrong_shape,
+    f.with_missing_layer,
+    f.with_pickle,
+    f.with_peft_type,
+]
+
+
+@pytest.mark.parametrize("make_bad", BAD_VARIANTS, ids=[b.__name__ for b in BAD_VARIANTS])
+def test_bad_adapter_leaves_nothing_behind(
+    make_bad: Callable[[Path, Path], Path], registry: Registry, adapters_dir: Path, store: Path, tmp_path: Path
+) -> None:
+    bad = make_bad(adapters_dir / "seed0", tmp_path / "bad")
+    revision = registry.revision()
+    with pytest.raises(InvalidAdapter):
+        registry.push_dir("a", bad)
+    with pytest.raises(InvalidAdapter):
+        registry.push_archive("a", f.tar_of(bad, tmp_path / "bad.tgz"))
+    assert_empty(registry, store, revision)
+
+
+def test_bad_push_to_an_existing_adapter_changes_nothing(
+    registry: Registry, adapters_dir: Path, store: Path, tmp_path: Path
+) -> None:
+    registry.push_dir("a", adapters_dir / "seed0")
+    before, revision, files = registry.adapter("a"), registry.revision(), stored_dirs(store)
+    with pytest.raises(InvalidAdapter, match="does not exist in base model"):
+        registry.push_dir("a", f.with_missing_layer(adapters_dir / "seed1", tmp_path / "bad"))
+    assert (registry.adapter("a"), registry.revision(), stored_dirs(store)) == (before, revision, files)
+
+
+@pytest.mark.parametrize("build", [f.traversal_tar, f.absolute_path_tar, f.symlink_tar])
+def test_hostile_archive_leaves_nothing_behind(
+    build: Callable[[Path], Path], registry: Registry, store: Path, tmp_path: Path
+) -> None:
+    revision = registry.revision()
+    with pytest.raises(InvalidArchive):
+        registry.push_archive("a", build(tmp_path / "evil.tgz"))
+    assert_empty(registry, store, revision)
+
+
+def test_archive_over_the_limits_is_refused(
+    database_url: str, store: Path, base: BaseModelSpec, adapters_dir: Path, tmp_path: Path
+) -> None:
+    limits = UploadLimits(max_extracted_bytes=4096)
+    with Registry.open(database_url, store, base=base, limits=limits) as registry:
+        with pytest.raises(InvalidRequest, match="extracts to more than 4096 bytes") as caught:
+            registry.push_archive("a", f.tar_of(adapters_dir / "seed0", tmp_path / "a.tgz"))
+        assert caught.value.status_code == 413
+        assert_empty(registry, store, 0)
+
+
+@pytest.mark.parametrize("name", ["", "Upper", "-dash-first", ".dot", "a" * 65, "has space", "a@v1", "../up", "a/b"])
+def test_invalid_names_are_refused_with_the_rule(
+    name: str, registry: Registry, adapters_dir: Path, store: Path
+) -> None:
+    with pytest.raises(InvalidRequest, match=r"\^\[a-z0-9\]\[a-z0-9\._-\]\{0,63\}\$") as caught:
+        registry.push_dir(name, adapters_dir / "seed0")
+    assert caught.value.param == "name"
+    assert_empty(registry, store, 0)
+
+
+def test_reserved_name_is_refused(registry: Registry, adapters_dir: Path) -> None:
+    with pytest.raises(InvalidRequest, match="'base' is reserved") as caught:
+        registry.push_dir("base", adapters_dir / "seed0")
+    assert caught.value.param == "name"
+
+
+def test_longest_allowed_name_works(registry: Registry, adapters_dir: Path) -> None:
+    name = "a" + "b.c_d-" * 10 + "xyz"
+    assert len(name) == 64
+    assert registry.push_dir(name, adapters_dir / "seed0").version.lora_name == f"{name}@v1"
+
+
+# -- aliases, resolution, deletion ---------------------------------------------------------------
+
+
+@pytest.fixture
+def three_versions(registry: Registry, adapters_dir: Path) -> Registry:
+    for seed in range(3):
+        registry.push_dir("bot", adapters_dir / f"seed{seed}")
+    return registry
+
+
+def test_bare_name_means_prod_else_latest(three_versions: Registry) -> None:
+    reg = three_versions
+    assert reg.resolve("bot").number == 3
+    adapter = reg.set_alias("bot", "prod", 2)
+    assert dict(adapter.aliases) == {"prod": 2}
+    assert reg.resolve("bot").number == 2
+    assert reg.resolve("bot@prod").number == 2
+    assert reg.resolve("bot@v1").number == 1
+
+
+def test_rollback_moves_the_alias_back(three_versions: Registry) -> None:
+    reg = three_versions
+    reg.set_alias("bot", "prod", 2)
+    reg.set_alias("bot", "prod", 3)
+    assert reg.resolve("bot").lora_name == "bot@v3"
+    reg.set_alias("bot", "prod", 2)
+    assert reg.resolve("bot").lora_name == "bot@v2"
+    assert dict(reg.adapter("bot").aliases) == {"prod": 2}
+
+
+def test_resolve_errors_say_what_exists(three_versions: Registry) -> None:
+    reg = three_versions
+    reg.set_alias("bot", "staging", 1)
+    with pytest.raises(ModelNotFound, match="'nobody' does not exist") as caught:
+        reg.resolve("nobody")
+    assert caught.value.status_code == 404
+    with pytest.raises(ModelNotFound, match="'bot@v9' does not exist; bot has versions v1, v2, v3"):
+        reg.resolve("bot@v9")
+    with pytest.raises(ModelNotFound, match="'bot@canary' does not exist; .* aliases staging"):
+        reg.resolve("bot@canary")
+
+
+@pytest.mark.parametrize("alias", ["v1", "v22", "Prod", "1st", "", "a" * 33, "with.dot", "a@b"])
+def test_invalid_aliases_are_refused(alias: str, three_versions: Registry) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        three_versions.set_alias("bot", alias, 1)
+    assert caught.value.param == "alias"
+    assert "^[a-z][a-z0-9_-]{0,31}$" in caught.value.message
+
+
+def test_alias_to_unknown_version_or_adapter_is_not_found(three_versions: Registry) -> None:
+    revision = three_versions.revision()
+    with pytest.raises(NotFound, match="adapter 'bot' has no version v7; it has v1, v2, v3"):
+        three_versions.set_alias("bot", "prod", 7)
+    with pytest.raises(NotFound, match="adapter 'ghost' does not exist"):
+        three_versions.set_alias("ghost", "prod", 1)
+    assert three_versions.revision() == revision
+
+
+def test_delete_alias(three_versions: Registry) -> None:
+    reg = three_versions
+    reg.set_alias("bot", "prod", 1)
+    reg.delete_alias("bot", "prod")
+    assert reg.resolve("bot").number == 3
+    with pytest.raises(NotFound, match="adapter 'bot' has no alias 'prod'"):
+        reg.delete_alias("bot", "prod")
+    with pytest.raises(NotFound, match="adapter 'ghost' does not exist"):
+        reg.delete_alias("ghost", "prod")
+
+
+def test_aliased_version_cannot_be_deleted(three_versions: Registry) -> None:
+    reg = three_versions
+    reg.set_alias("bot", "prod", 2)
+    reg.set_alias("bot", "canary", 2)
+    with pytest.raises(Conflict, match="bot@v2 is still pointed at by bot@canary, bot@prod") as caught:
+        reg.delete_version("bot", 2)
+    assert caught.value.status_code == 409
+    assert reg.resolve("bot@v2").path.is_dir()
+    reg.set_alias("bot", "prod", 3)
+    reg.delete_alias("bot", "canary")
+    reg.delete_version("bot", 2)
+    with pytest.raises(ModelNotFound, match="bot has versions v1, v3"):
+        reg.resolve("bot@v2")
+
+
+def test_deleting_a_version_removes_its_files(three_versions: Registry) -> None:
+    path = three_versions.resolve("bot@v1").path
+    three_versions.delete_version("bot", 1)
+    assert not path.exists()
+    assert [v.number for v in three_versions.adapter("bot").versions] == [2, 3]
+    with pytest.raises(NotFound, match="no version v1"):
+        three_versions.delete_version("bot", 1)
+
+
+def test_deleting_the_last_version_removes_the_adapter(registry: Registry, adapters_dir: Path, store: Path) -> None:
+    registry.push_dir("a", adapters_dir / "seed0")
+    registry.delete_version("a", 1)
+    assert registry.adapters() == []
+    assert stored_dirs(store) == []
+    with pytest.raises(NotFound, match="adapter 'a' does not exist"):
+        registry.adapter("a")
+
+
+def test_every_change_bumps_the_revision(registry: Registry, adapters_dir: Path) -> None:
+    seen = [registry.revision()]
+
+    def changed() -> None:
+        seen.append(registry.revision())
+        assert seen[-1] > seen[-2]
+
+    registry.push_dir("a", adapters_dir / "seed0")
+    changed()
+    registry.push_dir("a", adapters_dir / "seed1")
+    changed()
+    registry.set_alias("a", "prod", 1)
+    changed()
+    registry.set_alias("a", "prod", 2)
+    changed()
+    registry.delete_alias("a", "prod")
+    changed()
+    registry.delete_version("a", 1)
+    changed()
+
+
+def test_snapshot_is_consistent_and_tagged(three_versions: Registry) -> None:
+    reg = three_versions
+    reg.set_alias("bot", "prod", 1)
+    catalog = reg.snapshot()
+    assert catalog.revision == reg.revision()
+    assert {k: v.number for k, v in catalog.model_ids().items()} == {
+        "bot": 1,
+        "bot@v1": 1,
+        "bot@v2": 2,
+        "bot@v3": 3,
+        "bot@prod": 1,
+    }
+    reg.set_alias("bot", "prod", 3)
+    assert catalog.resolve("bot").number == 1  # a snapshot does not change under its reader
+    assert reg.snapshot().resolve("bot").number == 3
+    assert reg.snapshot().revision > catalog.revision
