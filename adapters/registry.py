@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -130,10 +131,13 @@ class Registry:
         try:
             return self._write(lambda conn: self._insert_version(conn, name, sha256, final, info))
         except BaseException:
-            with self._engine.begin() as conn:
-                referenced = self._version_by_sha(conn, name, sha256) is not None
-            if not referenced:
-                self._store.remove(final)
+            # Take the files back unless a row uses them (a concurrent push of the same content may).
+            # If even that check fails, keep them: an identical push later reuses them.
+            with suppress(Exception):
+                with self._engine.begin() as conn:
+                    referenced = self._version_by_sha(conn, name, sha256) is not None
+                if not referenced:
+                    self._store.remove(final)
             raise
 
     def _insert_version(self, conn: Connection, name: str, sha256: str, final: Path, info: AdapterInfo) -> PushResult:
@@ -142,10 +146,11 @@ class Registry:
             return PushResult(existing, created=False)
         now = datetime.now(UTC)
         last = conn.scalar(select(db.adapters.c.last_number).where(db.adapters.c.name == name))
-        if last is None:
-            conn.execute(insert(db.adapters).values(name=name, created_at=now, last_number=0))
         number = (last or 0) + 1
-        conn.execute(update(db.adapters).where(db.adapters.c.name == name).values(last_number=number))
+        if last is None:
+            conn.execute(insert(db.adapters).values(name=name, created_at=now, last_number=number))
+        else:
+            conn.execute(update(db.adapters).where(db.adapters.c.name == name).values(last_number=number))
         conn.execute(
             insert(db.versions).values(
                 adapter_name=name,
@@ -181,7 +186,10 @@ class Registry:
             return Catalog(self._load(conn), revision=self._revision(conn))
 
     def resolve(self, model: str) -> AdapterVersion:
-        """The version that ``name``, ``name@vN`` or ``name@alias`` means now; ModelNotFound otherwise."""
+        """The version that ``name``, ``name@vN`` or ``name@alias`` means now; ModelNotFound otherwise.
+
+        Each call reads the database; on a hot path keep a ``snapshot()`` while ``revision()`` stands.
+        """
         name = model.partition("@")[0]
         with self._engine.begin() as conn:
             found = self._load(conn, names=[name])
