@@ -116,10 +116,8 @@ def _target(dest: Path, name: str) -> Path:
         raise InvalidArchive(f"archive member '{name}' has an absolute path")
     if ".." in path.parts:
         raise InvalidArchive(f"archive member '{name}' has a '..' component")
-    parts = [p for p in path.parts if p != "."]
-    if not parts:
-        raise InvalidArchive(f"archive member '{name}' has an invalid name")
-    return dest.joinpath(*parts)
+    # "." and "./x" are what `tar -C dir -czf a.tgz .` writes: they name dest itself and dest/x.
+    return dest.joinpath(*(p for p in path.parts if p != "."))
 
 
 def _make_dir(name: str, target: Path) -> None:
@@ -137,13 +135,11 @@ def _open_file_target(name: str, target: Path) -> Path:
 
 
 def _extract_tar(archive: Path, dest: Path, budget: _Budget) -> None:
-    try:
-        with _reading(None):
+    with _reading(None):
+        try:
             tar = tarfile.open(archive, mode="r:*")
-    except InvalidArchive as e:
-        if isinstance(e.__cause__, tarfile.ReadError):  # no known format matched
-            raise InvalidArchive("upload is not a tar, tar.gz or zip archive") from e.__cause__
-        raise
+        except tarfile.ReadError as e:  # no known format matched; a damaged gzip raises otherwise
+            raise InvalidArchive("upload is not a .tar, .tar.gz/.tgz or .zip archive") from e
     with tar:
         while True:
             with _reading(None):

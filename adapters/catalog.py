@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -9,6 +10,9 @@ from pathlib import Path
 from types import MappingProxyType
 
 from quiver.errors import ModelNotFound
+
+# ``name@v3`` names a version; every other ``name@x`` an alias (aliases never look like this).
+VERSION_REF = re.compile(r"v[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -88,16 +92,21 @@ class Catalog:
         """Every adapter by name."""
         return self._adapters
 
+    @staticmethod
+    def adapter_name(model: str) -> str:
+        """The adapter a model string is about: ``bot`` for ``bot``, ``bot@v2`` and ``bot@prod``."""
+        return model.partition("@")[0]
+
     def resolve(self, model: str) -> AdapterVersion:
         """The version ``model`` names; ModelNotFound says what exists instead."""
         found = self._ids.get(model)
         if found is not None:
             return found
-        name, at, ref = model.partition("@")
+        name, _, ref = model.partition("@")
         adapter = self._adapters.get(name)
         if adapter is None:
             raise ModelNotFound(f"model '{model}' does not exist", param="model")
-        if ref.startswith("v") and ref[1:].isdigit():
+        if VERSION_REF.fullmatch(ref):
             adapter.version(int(ref[1:]))  # raises, naming the versions that exist
         aliases = ", ".join(sorted(adapter.aliases)) or "none"
         raise ModelNotFound(

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from adapters import db
 from adapters.archive import UploadLimits, extract_archive
-from adapters.catalog import Adapter, AdapterVersion, Catalog
+from adapters.catalog import VERSION_REF, Adapter, AdapterVersion, Catalog
 from adapters.spec import BaseModelSpec
 from adapters.store import LocalStore, digest
 from adapters.validation import AdapterInfo, adapter_files, validate_adapter_dir
@@ -31,7 +31,6 @@ T = TypeVar("T")
 
 NAME_RULE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 ALIAS_RULE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
-_VERSION_REF = re.compile(r"v\d+")
 # Writers are serialized by the revision row, so a collision means a writer outside that protocol;
 # a few retries are plenty.
 _WRITE_ATTEMPTS = 5
@@ -190,9 +189,8 @@ class Registry:
 
         Each call reads the database; on a hot path keep a ``snapshot()`` while ``revision()`` stands.
         """
-        name = model.partition("@")[0]
         with self._engine.begin() as conn:
-            found = self._load(conn, names=[name])
+            found = self._load(conn, names=[Catalog.adapter_name(model)])
         return Catalog(found).resolve(model)
 
     def revision(self) -> int:
@@ -204,7 +202,7 @@ class Registry:
 
     def set_alias(self, name: str, alias: str, number: int) -> Adapter:
         """Point ``name@alias`` at version ``number`` (creating or moving the alias, e.g. a rollback)."""
-        if not ALIAS_RULE.fullmatch(alias) or _VERSION_REF.fullmatch(alias):
+        if not ALIAS_RULE.fullmatch(alias) or VERSION_REF.fullmatch(alias):
             raise InvalidRequest(
                 f"invalid alias {alias!r}: use 1-32 characters a-z, 0-9, '_', '-', starting with a letter "
                 "(^[a-z][a-z0-9_-]{0,31}$), and not of the form v<digits>, which names a version",

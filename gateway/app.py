@@ -57,6 +57,19 @@ async def _base_spec(settings: Settings, replica: VllmReplica) -> BaseModelSpec 
     return await anyio.to_thread.run_sync(BaseModelSpec.from_model_dir, path, settings.base_model)
 
 
+def open_registry(settings: Settings, base: BaseModelSpec | None) -> Registry:
+    """The registry these settings describe; the gateway and the CLI open it the same way."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    reserved = {BASE_ALIAS, "auto"} | ({settings.base_model} if settings.base_model else set())
+    return Registry.open(
+        settings.registry_url,
+        settings.adapter_store,
+        base=base,
+        max_lora_rank=settings.max_lora_rank,
+        reserved_names=frozenset(reserved),
+    )
+
+
 async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None) -> Gateway:
     metrics = Metrics()
     replica = VllmReplica(
@@ -67,17 +80,7 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None)
         transport=transport,
     )
     base = await _base_spec(settings, replica)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    reserved = frozenset({BASE_ALIAS, "auto"} | ({settings.base_model} if settings.base_model else set()))
-    registry = await anyio.to_thread.run_sync(
-        lambda: Registry.open(
-            settings.registry_url,
-            settings.adapter_store,
-            base=base,
-            max_lora_rank=settings.max_lora_rank,
-            reserved_names=reserved,
-        )
-    )
+    registry = await anyio.to_thread.run_sync(open_registry, settings, base)
     view = await anyio.to_thread.run_sync(RegistryView, registry)
     residency = Residency(replica, settings.max_loras, metrics, load_wait_s=settings.adapter_load_timeout_s)
     router = Router(replica, lambda: view.catalog, settings.base_model)

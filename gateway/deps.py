@@ -31,9 +31,10 @@ class Gateway:
     monitor: ReplicaMonitor
 
 
-def _gateway(request: Request) -> Gateway:
+async def gateway_of(request: Request) -> Gateway:
+    """The running gateway; async so FastAPI does not hop to a worker thread to call it."""
     gateway: Gateway = request.app.state.gateway
     return gateway
 
 
-GatewayDep = Annotated[Gateway, Depends(_gateway)]
+GatewayDep = Annotated[Gateway, Depends(gateway_of)]

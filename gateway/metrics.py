@@ -19,38 +19,60 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "quiver_requests", "Requests answered, by outcome.",
-            ["endpoint", "model", "adapter", "status"], registry=r,
+            "quiver_requests",
+            "Requests answered, by outcome.",
+            ["endpoint", "model", "adapter", "status"],
+            registry=r,
         )
         self.latency = Histogram(
-            "quiver_request_duration_seconds", "Time from request to last byte.",
-            ["endpoint", "model", "adapter"], buckets=_LATENCY_BUCKETS, registry=r,
+            "quiver_request_duration_seconds",
+            "Time from request to last byte.",
+            ["endpoint", "model", "adapter"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "quiver_time_to_first_token_seconds", "Time from request to first streamed chunk.",
-            ["endpoint", "model", "adapter"], buckets=_LATENCY_BUCKETS, registry=r,
+            "quiver_time_to_first_token_seconds",
+            "Time from request to first streamed chunk.",
+            ["endpoint", "model", "adapter"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.tokens = Counter(
-            "quiver_tokens", "Tokens processed, by kind (prompt or completion).",
-            ["model", "adapter", "kind"], registry=r,
+            "quiver_tokens",
+            "Tokens processed, by kind (prompt or completion).",
+            ["model", "adapter", "kind"],
+            registry=r,
         )
         self.adapter_loads = Counter(
-            "quiver_adapter_loads", "Adapter loads into vLLM, by outcome.",
-            ["adapter", "outcome"], registry=r,
+            "quiver_adapter_loads",
+            "Adapter loads into vLLM, by outcome.",
+            ["adapter", "outcome"],
+            registry=r,
         )
         self.adapter_load_seconds = Histogram(
-            "quiver_adapter_load_duration_seconds", "Time to load one adapter into vLLM.",
-            ["adapter"], buckets=_LATENCY_BUCKETS, registry=r,
+            "quiver_adapter_load_duration_seconds",
+            "Time to load one adapter into vLLM.",
+            ["adapter"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.adapter_unloads = Counter(
-            "quiver_adapter_unloads", "Adapters unloaded from vLLM to make room.",
-            ["adapter"], registry=r,
+            "quiver_adapter_unloads",
+            "Adapters unloaded from vLLM to make room.",
+            ["adapter"],
+            registry=r,
         )
         self.adapters_resident = Gauge(
-            "quiver_adapters_resident", "Adapters currently loaded in vLLM.", registry=r,
+            "quiver_adapters_resident",
+            "Adapters currently loaded in vLLM.",
+            registry=r,
         )
         self.upstream_up = Gauge(
-            "quiver_upstream_up", "1 while vLLM answers its health check.", ["upstream"], registry=r,
+            "quiver_upstream_up",
+            "1 while vLLM answers its health check.",
+            ["upstream"],
+            registry=r,
         )
 
     def render(self) -> bytes:

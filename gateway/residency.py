@@ -129,6 +129,15 @@ class Residency:
         if resident is not None:
             self.metrics.adapters_resident.set(len(self._resident))
 
+    async def discard(self, name: str) -> None:
+        """Unload a deleted version now rather than when the LRU gets to it; busy ones wait for the LRU."""
+        resident = self._resident.get(name)
+        if resident is None or resident.in_flight:
+            return
+        del self._resident[name]
+        self.metrics.adapters_resident.set(len(self._resident))
+        await self.replica.unload_adapter(name)
+
     async def unload_all(self) -> None:
         """Best-effort unload of everything this gateway loaded, at shutdown."""
         for name in list(self._resident):

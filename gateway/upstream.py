@@ -86,6 +86,7 @@ class VllmReplica:
         self.state: ReplicaState = "starting"
         self.served_model: str | None = None
         self.model_root: str | None = None
+        self._urls: dict[str, httpx.URL] = {}
         self._load_timeout = httpx.Timeout(load_timeout_s, connect=connect_timeout_s)
         self._probe_timeout = httpx.Timeout(connect_timeout_s)
         # Keep-alive pool sized for high concurrency: a new TCP handshake per request is what
@@ -96,10 +97,13 @@ class VllmReplica:
             limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=60),
             transport=transport,
         )
+        self._extensions = {"timeout": self._client.timeout.as_dict()}
 
     async def open(self, path: str, body: bytes) -> httpx.Response:
         """POST ``body`` and return the response with its body not yet read (for streaming)."""
-        request = self._client.build_request("POST", path, content=body, headers=_JSON)
+        # A prebuilt absolute URL: httpx's build_request spends more merging URLs than sending.
+        url = self._urls.get(path) or self._urls.setdefault(path, httpx.URL(self.url + path))
+        request = httpx.Request("POST", url, content=body, headers=_JSON, extensions=self._extensions)
         with _translate(self.url, f"POST {path}"):
             response = await self._client.send(request, stream=True)
         if response.status_code >= 400:
@@ -142,7 +146,9 @@ class VllmReplica:
         text = response.text
         # After a gateway restart vLLM may already hold the name (load: 400 "already been
         # loaded") or may have forgotten it (unload: 400/404); both mean the goal is reached.
-        if "already been loaded" in text or (path.endswith("unload_lora_adapter") and response.status_code in (400, 404)):
+        if "already been loaded" in text or (
+            path.endswith("unload_lora_adapter") and response.status_code in (400, 404)
+        ):
             return
         error = upstream_error(self.url, response.status_code, response.content)
         if isinstance(error, InvalidRequest):

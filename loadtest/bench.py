@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,7 +87,9 @@ async def _round(client: httpx.AsyncClient, url: str, model: str, n: int, concur
     out.wall_s += time.perf_counter() - started
 
 
-async def compare(direct: str, gateway: str, model: str, concurrency: int, requests: int, rounds: int) -> tuple[Sample, Sample]:
+async def compare(
+    direct: str, gateway: str, model: str, concurrency: int, requests: int, rounds: int
+) -> tuple[Sample, Sample]:
     """Alternate direct and gateway rounds; return both samples."""
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
     samples = (Sample([], 0.0, 0), Sample([], 0.0, 0))
@@ -159,10 +160,14 @@ def _free_port() -> int:
 def _gateway(stack: ExitStack, upstream: str, work: Path, name: str) -> str:
     port = _free_port()
     env = dict(os.environ, QUIVER_DATA_DIR=str(work / f"data-{name}"))
-    return stack.enter_context(_process(
-        [sys.executable, "-m", "quiver.cli", "up", "--vllm-url", upstream, "--port", str(port)],
-        f"http://127.0.0.1:{port}", work / f"gateway-{name}.log", env,
-    ))
+    return stack.enter_context(
+        _process(
+            [sys.executable, "-m", "quiver.cli", "up", "--vllm-url", upstream, "--port", str(port)],
+            f"http://127.0.0.1:{port}",
+            work / f"gateway-{name}.log",
+            env,
+        )
+    )
 
 
 def run(vllm_url: str | None, rounds: int, requests: int, out_dir: Path, console: Console) -> list[Row]:
@@ -174,8 +179,12 @@ def run(vllm_url: str | None, rounds: int, requests: int, out_dir: Path, console
             from quiver import embedded
             from quiver.vllm_server import VllmServer
 
-            server = VllmServer(model=str(embedded.prepare(console=console)), served_name=embedded.SERVED_NAME,
-                                port=_free_port(), log_path=work / "vllm.log")
+            server = VllmServer(
+                model=str(embedded.prepare(console=console)),
+                served_name=embedded.SERVED_NAME,
+                port=_free_port(),
+                log_path=work / "vllm.log",
+            )
             server.start()
             stack.callback(server.stop)
             with console.status("Starting vLLM"):
@@ -183,10 +192,13 @@ def run(vllm_url: str | None, rounds: int, requests: int, out_dir: Path, console
             vllm_url = server.url
         model = httpx.get(f"{vllm_url}/v1/models", timeout=10).json()["data"][0]["id"]
         instant_port = _free_port()
-        instant = stack.enter_context(_process(
-            [sys.executable, "-m", "loadtest.instant_upstream", "--port", str(instant_port)],
-            f"http://127.0.0.1:{instant_port}", work / "instant.log",
-        ))
+        instant = stack.enter_context(
+            _process(
+                [sys.executable, "-m", "loadtest.instant_upstream", "--port", str(instant_port)],
+                f"http://127.0.0.1:{instant_port}",
+                work / "instant.log",
+            )
+        )
         with console.status("Starting gateways"):
             gateway_vllm = _gateway(stack, vllm_url, work, "vllm")
             gateway_instant = _gateway(stack, instant, work, "instant")
@@ -203,15 +215,22 @@ def run(vllm_url: str | None, rounds: int, requests: int, out_dir: Path, console
 
 
 def _print(rows: list[Row], console: Console) -> None:
-    table = Table(title=f"Gateway vs direct, max_tokens=1 chat, alternating rounds (targets: added p50 < "
-                        f"{TARGET_ADDED_P50_MS} ms, throughput >= {TARGET_THROUGHPUT_RATIO}x)")
+    table = Table(
+        title=f"Gateway vs direct, max_tokens=1 chat, alternating rounds (targets: added p50 < "
+        f"{TARGET_ADDED_P50_MS} ms, throughput >= {TARGET_THROUGHPUT_RATIO}x)"
+    )
     for column in ("upstream", "conc", "direct p50", "gateway p50", "added p50", "added p99", "throughput", "target"):
         table.add_column(column, justify="right", no_wrap=True)
     for r in rows:
         ok = r.added_p50_ms < TARGET_ADDED_P50_MS and r.throughput_ratio >= TARGET_THROUGHPUT_RATIO
         table.add_row(
-            r.upstream, str(r.concurrency), f"{r.direct_p50_ms:.2f} ms", f"{r.gateway_p50_ms:.2f} ms",
-            f"{r.added_p50_ms:+.2f} ms", f"{r.added_p99_ms:+.2f} ms", f"{r.throughput_ratio:.3f}x",
+            r.upstream,
+            str(r.concurrency),
+            f"{r.direct_p50_ms:.2f} ms",
+            f"{r.gateway_p50_ms:.2f} ms",
+            f"{r.added_p50_ms:+.2f} ms",
+            f"{r.added_p99_ms:+.2f} ms",
+            f"{r.throughput_ratio:.3f}x",
             "[green]met[/]" if ok else "[red]missed[/]",
         )
     console.print(table)
@@ -222,11 +241,41 @@ def _write(rows: list[Row], out_dir: Path, console: Console, **config: object) -
     now = datetime.now(UTC)
     path = out_dir / f"{now:%Y-%m-%d}.json"
     payload = {
-        "created": now.isoformat(), "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "config": config, "gateway_vs_direct": [asdict(r) for r in rows],
+        "created": now.isoformat(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "config": config,
+        "gateway_vs_direct": [asdict(r) for r in rows],
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
-    console.print(f"wrote {path}")
+    _atomic_write(path, json.dumps(payload, indent=2))
+    _atomic_write(out_dir.parent.parent / "BENCHMARKS.md", _markdown(rows, now))
+    console.print(f"wrote {path} and BENCHMARKS.md")
     return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _markdown(rows: list[Row], now: datetime) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Regenerated by `make bench` on {now:%Y-%m-%d} ({os.cpu_count()} CPUs, no GPU). Each comparison alternates",
+        "the two targets round by round with the same `max_tokens=1` chat requests. `instant` is an OpenAI-shaped",
+        "upstream that answers at once (the gateway's own cost); `vLLM` is the embedded model on vLLM-CPU.",
+        "",
+        "## Gateway vs vLLM direct",
+        "",
+        "| upstream | concurrency | direct p50 | gateway p50 | added p50 | added p99 | throughput ratio | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        ok = r.added_p50_ms < TARGET_ADDED_P50_MS and r.throughput_ratio >= TARGET_THROUGHPUT_RATIO
+        lines.append(
+            f"| {r.upstream} | {r.concurrency} | {r.direct_p50_ms:.2f} ms | {r.gateway_p50_ms:.2f} ms | "
+            f"{r.added_p50_ms:+.2f} ms | {r.added_p99_ms:+.2f} ms | {r.throughput_ratio:.3f}x | "
+            f"{'met' if ok else 'missed'} (< {TARGET_ADDED_P50_MS} ms, >= {TARGET_THROUGHPUT_RATIO}x) |"
+        )
+    return "\n".join(lines) + "\n"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from quiver.errors import QuiverError
+
+if TYPE_CHECKING:
+    from adapters import Registry
 
 app = typer.Typer(no_args_is_help=True, help="Serve many LoRA adapters over one base model.")
 adapters_app = typer.Typer(no_args_is_help=True, help="The adapter registry.")
@@ -23,7 +26,9 @@ err = Console(stderr=True)
 
 @app.command()
 def up(
-    model: Annotated[str | None, typer.Option(help="Base model directory or hub name (default: embedded SmolLM2-135M-Instruct).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Base model directory or hub name (default: embedded SmolLM2-135M-Instruct).")
+    ] = None,
     vllm_url: Annotated[str | None, typer.Option(help="Use an already running vLLM instead of starting one.")] = None,
     host: Annotated[str, typer.Option(envvar="QUIVER_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="QUIVER_PORT")] = 8000,
@@ -35,8 +40,14 @@ def up(
     from quiver import up as up_module
 
     up_module.run(
-        model=model, vllm_url=vllm_url, host=host, port=port, vllm_port=vllm_port,
-        max_loras=max_loras, max_lora_rank=max_lora_rank, console=console,
+        model=model,
+        vllm_url=vllm_url,
+        host=host,
+        port=port,
+        vllm_port=vllm_port,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
+        console=console,
     )
 
 
@@ -48,24 +59,19 @@ def model_prepare() -> None:
     print(embedded.prepare(console=err))
 
 
-def _registry():  # type: ignore[no-untyped-def]
-    from adapters import BaseModelSpec, Registry
+def _registry() -> Registry:
+    """The registry from ``QUIVER_*`` settings, checking uploads against the base model when known."""
+    from adapters import BaseModelSpec
+    from gateway.app import open_registry
     from gateway.settings import Settings
+    from quiver import embedded
 
     settings = Settings()
-    base = None
-    if settings.base_model_path is not None:
-        base = BaseModelSpec.from_model_dir(settings.base_model_path, settings.base_model)
-    else:
-        from quiver import embedded
-
-        if embedded.verify(embedded.model_dir()):
-            base = BaseModelSpec.from_model_dir(embedded.model_dir(), embedded.SERVED_NAME)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return Registry.open(
-        settings.registry_url, settings.adapter_store, base=base, max_lora_rank=settings.max_lora_rank,
-        reserved_names=frozenset({"base", "auto"}),
-    )
+    base_dir, base_name = settings.base_model_path, settings.base_model
+    if base_dir is None and (embedded.model_dir() / "config.json").is_file():
+        base_dir, base_name = embedded.model_dir(), base_name or embedded.SERVED_NAME
+    base = BaseModelSpec.from_model_dir(base_dir, base_name) if base_dir else None
+    return open_registry(settings, base)
 
 
 def _fail(exc: QuiverError) -> None:
@@ -107,7 +113,9 @@ def adapters_list() -> None:
     for adapter in adapters:
         for v in adapter.versions:
             aliases = ", ".join(sorted(a for a, n in adapter.aliases.items() if n == v.number))
-            table.add_row(adapter.name, f"v{v.number}", str(v.rank), v.sha256[:12], aliases, f"{v.created_at:%Y-%m-%d %H:%M}")
+            table.add_row(
+                adapter.name, f"v{v.number}", str(v.rank), v.sha256[:12], aliases, f"{v.created_at:%Y-%m-%d %H:%M}"
+            )
     console.print(table)
 
 

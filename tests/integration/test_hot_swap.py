@@ -25,8 +25,9 @@ def test_adapter_answer_differs_from_base_and_equals_vllm_direct(
     assert via_gateway != base
 
     direct_name = f"{unique_name}-direct"
-    loaded = httpx.post(f"{vllm.url}/v1/load_lora_adapter",
-                        json={"lora_name": direct_name, "lora_path": str(lora_dirs[0])}, timeout=60)
+    loaded = httpx.post(
+        f"{vllm.url}/v1/load_lora_adapter", json={"lora_name": direct_name, "lora_path": str(lora_dirs[0])}, timeout=60
+    )
     assert loaded.status_code == 200, loaded.text
     try:
         direct, _ = greedy(vllm.url, direct_name)
@@ -70,10 +71,12 @@ def test_twenty_concurrent_first_requests_make_one_load(
     async def burst() -> list[str]:
         c = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
         async with c:
-            answers = await asyncio.gather(*(
-                c.chat.completions.with_raw_response.create(model=unique_name, messages=QUESTION, max_tokens=4)  # type: ignore[arg-type]
-                for _ in range(20)
-            ))
+            answers = await asyncio.gather(
+                *(
+                    c.chat.completions.with_raw_response.create(model=unique_name, messages=QUESTION, max_tokens=4)  # type: ignore[arg-type]
+                    for _ in range(20)
+                )
+            )
         return [a.headers["x-quiver-served-by"] for a in answers]
 
     assert asyncio.run(burst()) == [lora] * 20

@@ -45,7 +45,11 @@ def test_streamed_chat_arrives_chunk_by_chunk_and_matches_plain(gateway: Gateway
     plain = c.chat.completions.create(model="base", messages=QUESTION, max_tokens=12, temperature=0)  # type: ignore[arg-type]
     chunks = list(
         c.chat.completions.create(
-            model="base", messages=QUESTION, max_tokens=12, temperature=0, stream=True,  # type: ignore[arg-type]
+            model="base",
+            messages=QUESTION,
+            max_tokens=12,
+            temperature=0,
+            stream=True,  # type: ignore[arg-type]
             stream_options={"include_usage": True},
         )
     )
@@ -56,8 +60,14 @@ def test_streamed_chat_arrives_chunk_by_chunk_and_matches_plain(gateway: Gateway
 
 
 def test_stream_is_not_buffered(gateway: GatewayServer) -> None:
-    body = {"model": "base", "messages": QUESTION, "max_tokens": 200, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+    body = {
+        "model": "base",
+        "messages": QUESTION,
+        "max_tokens": 200,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     labels = {"endpoint": "/v1/chat/completions", "model": "base", "adapter": BASE}
     finished_before = gateway.metric("quiver_request_duration_seconds_count", **labels)
     events = 0
@@ -76,14 +86,27 @@ def test_stream_is_not_buffered(gateway: GatewayServer) -> None:
 def test_parameters_pass_through(gateway: GatewayServer) -> None:
     c = client(gateway.url)
     many = c.chat.completions.create(
-        model="base", messages=QUESTION, max_tokens=5, n=2, temperature=1.0, top_p=0.9, seed=7,  # type: ignore[arg-type]
-        logprobs=True, top_logprobs=2,
+        model="base",
+        messages=QUESTION,
+        max_tokens=5,
+        n=2,
+        temperature=1.0,
+        top_p=0.9,
+        seed=7,  # type: ignore[arg-type]
+        logprobs=True,
+        top_logprobs=2,
     )
     assert len(many.choices) == 2
     assert many.choices[0].logprobs is not None and many.choices[0].logprobs.content
     assert len(many.choices[0].logprobs.content[0].top_logprobs) == 2
     again = c.chat.completions.create(
-        model="base", messages=QUESTION, max_tokens=5, n=2, temperature=1.0, top_p=0.9, seed=7,  # type: ignore[arg-type]
+        model="base",
+        messages=QUESTION,
+        max_tokens=5,
+        n=2,
+        temperature=1.0,
+        top_p=0.9,
+        seed=7,  # type: ignore[arg-type]
     )
     assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in many.choices]
     stopped = c.chat.completions.create(model="base", messages=QUESTION, max_tokens=20, temperature=0, stop=["Paris"])  # type: ignore[arg-type]
@@ -97,7 +120,9 @@ def test_response_format_json_object(gateway: GatewayServer) -> None:
     answer = client(gateway.url).chat.completions.create(
         model="base",
         messages=[{"role": "user", "content": "Give a JSON object with the key city set to Paris."}],
-        max_tokens=40, temperature=0, response_format={"type": "json_object"},
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_object"},
     )
     assert isinstance(json.loads(answer.choices[0].message.content or ""), dict)
 
@@ -123,8 +148,9 @@ def test_unknown_model_is_404_model_not_found(gateway: GatewayServer) -> None:
     ],
 )
 def test_malformed_body_is_400_in_openai_shape(gateway: GatewayServer, body: bytes, param: str | None) -> None:
-    response = httpx.post(f"{gateway.url}/v1/chat/completions", content=body,
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
     error = error_of(response)
     assert error["type"] == "invalid_request_error"
@@ -133,8 +159,9 @@ def test_malformed_body_is_400_in_openai_shape(gateway: GatewayServer, body: byt
 
 
 def test_vllm_rejection_comes_back_as_400(gateway: GatewayServer) -> None:
-    response = httpx.post(f"{gateway.url}/v1/chat/completions",
-                          json={"model": "base", "messages": QUESTION, "max_tokens": 100000})
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions", json={"model": "base", "messages": QUESTION, "max_tokens": 100000}
+    )
     assert response.status_code == 400
     assert "max" in error_of(response)["message"].lower()
 
@@ -145,7 +172,9 @@ def test_health_and_metrics(gateway: GatewayServer) -> None:
     client(gateway.url).chat.completions.create(model="base", messages=QUESTION, max_tokens=3)  # type: ignore[arg-type]
     list(client(gateway.url).chat.completions.create(model="base", messages=QUESTION, max_tokens=3, stream=True))  # type: ignore[arg-type]
     text = httpx.get(f"{gateway.url}/metrics").text
-    assert f'quiver_requests_total{{adapter="{BASE}",endpoint="/v1/chat/completions",model="base",status="200"}}' in text
+    assert (
+        f'quiver_requests_total{{adapter="{BASE}",endpoint="/v1/chat/completions",model="base",status="200"}}' in text
+    )
     assert "quiver_request_duration_seconds_bucket" in text
     assert "quiver_time_to_first_token_seconds_count" in text
     assert gateway.metric("quiver_tokens_total", model="base", adapter=BASE, kind="completion") >= 3

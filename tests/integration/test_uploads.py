@@ -10,7 +10,7 @@ import pytest
 
 from gateway import Settings
 from tests import factories
-from tests.integration.openai_helpers import error_of, push
+from tests.integration.openai_helpers import QUESTION, client, error_of, push
 from tests.servers import GatewayServer, running_gateway
 
 
@@ -111,7 +111,10 @@ def test_registry_api_round_trip(gateway: GatewayServer, lora_dirs: tuple[Path, 
 
     refused = httpx.delete(f"{url}/v1/adapters/support/versions/1")
     assert refused.status_code == 409 and "prod" in error_of(refused)["message"]
+    assert client(url).chat.completions.create(model="support@v2", messages=QUESTION, max_tokens=1)  # type: ignore[arg-type]
+    assert gateway.gateway.residency.loaded == ["support@v2"]
     assert httpx.delete(f"{url}/v1/adapters/support/versions/2").status_code == 204
+    assert gateway.gateway.residency.loaded == [], "a deleted version is unloaded from vLLM at once"
     assert httpx.get(f"{url}/v1/models/support@v2").status_code == 404
     assert httpx.get(f"{url}/v1/models/support@prod").json()["root"] == "support@v1"
 

@@ -36,7 +36,7 @@ def contents(directory: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("suffix", ["tar.gz", "tgz", "tar", "zip"])
-@pytest.mark.parametrize("top", ["adapter", None])
+@pytest.mark.parametrize("top", ["adapter", ".", None])
 def test_archive_of_a_directory_extracts_to_its_files(
     suffix: str, top: str | None, source: Path, dest: Path, tmp_path: Path
 ) -> None:
@@ -53,6 +53,11 @@ def test_format_is_sniffed_not_taken_from_the_name(source: Path, dest: Path, tmp
     archive = f.zip_of(source, tmp_path / "upload.tar.gz")
     extract_archive(archive, dest, UploadLimits())
     assert contents(dest) == FILES
+
+
+def test_a_file_named_like_the_target_itself_is_refused(dest: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArchive, match="archive member './' appears twice or clashes"):
+        extract_archive(f.tar_with(tmp_path / "a.tgz", {"./": b"x"}), dest, UploadLimits())
 
 
 def test_top_directory_named_like_a_child_is_stripped_once(dest: Path, tmp_path: Path) -> None:
@@ -118,8 +123,8 @@ def test_duplicate_member_is_refused(dest: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "fragment"),
     [
-        (b"", "not a tar, tar.gz or zip archive"),
-        (b"just some text, not an archive" * 10, "not a tar, tar.gz or zip archive"),
+        (b"", "not a .tar, .tar.gz/.tgz or .zip archive"),
+        (b"just some text, not an archive" * 10, "not a .tar, .tar.gz/.tgz or .zip archive"),
         (b"\x1f\x8b\x08\x00garbage", "archive is unreadable"),
     ],
 )

@@ -57,6 +57,7 @@ def test_bare_name_is_prod_if_set_else_latest(catalog: Catalog) -> None:
         ("faq@prod", "model 'faq@prod' does not exist; faq has versions v1, v3 and aliases none"),
         ("bot@", "model 'bot@' does not exist; bot has versions v1, v2, v4 and aliases prod, staging"),
         ("Bot", "model 'Bot' does not exist"),
+        ("bot@v²", "model 'bot@v²' does not exist; bot has versions v1, v2, v4 and aliases prod, staging"),
         ("", "model '' does not exist"),
     ],
 )
