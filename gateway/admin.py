@@ -5,20 +5,42 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated
 
 import anyio.to_thread
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.datastructures import UploadFile
 
 from adapters import Adapter, AdapterVersion
 from gateway.deps import GatewayDep
 from gateway.protocol import AdapterList, AdapterPublic, AliasUpdate, PushPublic, VersionPublic
-from quiver.errors import InvalidArchive, PayloadTooLarge
+from quiver.errors import InvalidRequest, LengthRequired, PayloadTooLarge
 
 router = APIRouter(prefix="/v1/adapters")
 
-_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+# Multipart boundaries and the name field on top of the archive itself.
+_FORM_OVERHEAD = 64 * 1024
+_UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "file"],
+                    "properties": {
+                        "name": {"type": "string", "description": "Adapter name"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": ".tar.gz or .zip of a PEFT adapter directory",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 def version_public(version: AdapterVersion, aliases: dict[str, int]) -> VersionPublic:
@@ -48,15 +70,8 @@ def adapter_public(adapter: Adapter) -> AdapterPublic:
 
 
 def _spool(upload: UploadFile, directory: Path, limit: int) -> Path:
-    """Copy the upload to a file whose name keeps the archive suffix, enforcing the size limit."""
-    filename = upload.filename or ""
-    suffix = next((s for s in _ARCHIVE_SUFFIXES if filename.lower().endswith(s)), None)
-    if suffix is None:
-        raise InvalidArchive(
-            f"file {filename!r} is not a .tar.gz, .tgz, .tar or .zip archive of a PEFT adapter directory",
-            param="file",
-        )
-    target = directory / f"upload{suffix}"
+    """Copy the upload to a file of its own, enforcing the size limit while copying."""
+    target = directory / "upload"
     copied = 0
     with target.open("wb") as out:
         while chunk := upload.file.read(1 << 20):
@@ -67,25 +82,36 @@ def _spool(upload: UploadFile, directory: Path, limit: int) -> Path:
     return target
 
 
-@router.post("", status_code=201, response_model=PushPublic)
-async def push(
-    request: Request,
-    gateway: GatewayDep,
-    name: Annotated[str, Form(description="Adapter name")],
-    file: Annotated[UploadFile, File(description=".tar.gz or .zip of a PEFT adapter directory")],
-    response: Response,
-) -> PushPublic:
-    """Upload a new version; identical content returns the existing version with 200."""
-    limit = gateway.settings.max_upload_bytes
+def _check_length(request: Request, limit: int) -> None:
+    # Refuse before the multipart body is read: parsing it spools every byte to disk.
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + (1 << 20):
+    if declared is None or not declared.isdigit():
+        raise LengthRequired("adapter uploads need a Content-Length header")
+    if int(declared) > limit + _FORM_OVERHEAD:
         raise PayloadTooLarge(f"upload is larger than the {limit}-byte limit", param="file")
-    workdir = Path(tempfile.mkdtemp(prefix="upload-", dir=gateway.settings.data_dir))
-    try:
-        archive = await anyio.to_thread.run_sync(_spool, file, workdir, limit)
-        result = await gateway.registry.call(gateway.registry.registry.push_archive, name, archive)
-    finally:
-        await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
+
+
+@router.post("", status_code=201, response_model=PushPublic, openapi_extra=_UPLOAD_SCHEMA)
+async def push(request: Request, gateway: GatewayDep, response: Response) -> PushPublic:
+    """Upload a new version (multipart ``name`` and ``file``); identical content returns the existing one with 200."""
+    limit = gateway.settings.max_upload_bytes
+    _check_length(request, limit)
+    async with request.form(max_files=1, max_fields=8) as form:
+        name, upload = form.get("name"), form.get("file")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("form field 'name' (the adapter name) is required", param="name")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequest(
+                "form field 'file' (a .tar.gz or .zip of a PEFT adapter directory) is required", param="file"
+            )
+        workdir = Path(
+            await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="upload-", dir=gateway.settings.data_dir))
+        )
+        try:
+            archive = await anyio.to_thread.run_sync(_spool, upload, workdir, limit)
+            result = await gateway.registry.call(gateway.registry.registry.push_archive, name, archive)
+        finally:
+            await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
     if not result.created:
         response.status_code = 200
     adapter = gateway.registry.catalog.adapters.get(name)

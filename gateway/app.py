@@ -19,13 +19,14 @@ from gateway import admin, routes
 from gateway.deps import Gateway
 from gateway.health import ReplicaMonitor
 from gateway.metrics import Metrics
+from gateway.protocol import invalid_request
 from gateway.registry_view import RegistryView
 from gateway.residency import Residency
 from gateway.router import BASE_ALIAS, Router
 from gateway.serving import Proxy
 from gateway.settings import Settings
 from gateway.upstream import VllmReplica
-from quiver.errors import InvalidRequest, QuiverError, Unavailable
+from quiver.errors import QuiverError
 
 log = logging.getLogger("quiver.gateway")
 
@@ -77,6 +78,7 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None)
         connect_timeout_s=settings.connect_timeout_s,
         request_timeout_s=settings.request_timeout_s,
         load_timeout_s=settings.adapter_load_timeout_s,
+        unreachable_after_s=settings.unreachable_after_s,
         transport=transport,
     )
     base = await _base_spec(settings, replica)
@@ -116,17 +118,13 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
 
     @app.exception_handler(QuiverError)
     async def _quiver_error(request: Request, exc: QuiverError) -> JSONResponse:
-        if isinstance(exc, Unavailable) and exc.code == "upstream_unavailable":
+        if exc.code in ("upstream_unavailable", "upstream_unreachable"):
             request.app.state.gateway.monitor.mark_down(exc.message)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-        param = ".".join(loc) or None
-        message = f"{param}: {first['msg']}" if param else str(first["msg"])
-        return error_response(InvalidRequest(message, param=param))
+        return error_response(invalid_request(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

@@ -14,7 +14,7 @@ import time
 from gateway.metrics import Metrics
 from gateway.residency import Residency
 from gateway.upstream import VllmReplica
-from quiver.errors import QuiverError
+from quiver.errors import QuiverError, Unavailable
 
 log = logging.getLogger("quiver.health")
 
@@ -32,12 +32,16 @@ class ReplicaMonitor:
         polled = time.monotonic()
         try:
             models = await self.replica.models()
+        except Unavailable as exc:
+            self.mark_down(exc.message)
+            return
         except QuiverError as exc:
-            self.mark_down(str(exc))
+            # Slow or erroring but still there: keep the adapter table, which is still true.
+            log.warning("vLLM at %s answered its health check badly: %s", self.replica.url, exc.message)
             return
         if self.replica.state != "up":
             log.info("vLLM at %s is up, serving %s", self.replica.url, self.replica.served_model)
-        self.replica.state = "up"
+        self.replica.mark_up()
         self.metrics.upstream_up.labels(self.replica.url).set(1)
         self.residency.reconcile({str(m["id"]) for m in models if m.get("parent")}, polled)
 
@@ -52,5 +56,8 @@ class ReplicaMonitor:
     async def watch(self, interval_s: float) -> None:
         """Poll until cancelled."""
         while True:
-            await self.check()
+            try:
+                await self.check()
+            except Exception:
+                log.exception("health check of vLLM at %s failed; trying again", self.replica.url)
             await asyncio.sleep(interval_s)

@@ -6,10 +6,21 @@ through to vLLM untouched (``extra="allow"``), and vLLM's own validation errors 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from quiver.errors import InvalidRequest
+
+
+def invalid_request(errors: Sequence[Any]) -> InvalidRequest:
+    """The first pydantic error (of a body, form or path) as a 400 naming the parameter."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")]
+    param = ".".join(loc) or None
+    return InvalidRequest(f"{param}: {first['msg']}" if param else str(first["msg"]), param=param)
 
 
 class _PassThrough(BaseModel):

@@ -27,7 +27,6 @@ class RegistryView:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.catalog: Catalog = registry.snapshot()
-        self._revision = registry.revision()
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run a registry method in a worker thread, then refresh the snapshot."""
@@ -38,15 +37,15 @@ class RegistryView:
 
     async def refresh(self) -> None:
         """Take a new snapshot if the registry changed since the last one."""
-        revision, catalog = await anyio.to_thread.run_sync(self._load)
-        if catalog is not None:
-            self.catalog, self._revision = catalog, revision
+        catalog = await anyio.to_thread.run_sync(self._load)
+        # Two refreshes may finish out of order; never put an older snapshot back.
+        if catalog is not None and catalog.revision > self.catalog.revision:
+            self.catalog = catalog
 
-    def _load(self) -> tuple[int, Catalog | None]:
-        revision = self.registry.revision()
-        if revision == self._revision:
-            return revision, None
-        return revision, self.registry.snapshot()
+    def _load(self) -> Catalog | None:
+        if self.registry.revision() == self.catalog.revision:
+            return None
+        return self.registry.snapshot()
 
     async def watch(self, interval_s: float) -> None:
         """Poll for outside writes until cancelled."""

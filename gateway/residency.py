@@ -18,15 +18,18 @@ from dataclasses import dataclass, field
 from adapters import AdapterVersion
 from gateway.metrics import Metrics
 from gateway.upstream import VllmReplica
-from quiver.errors import Unavailable
+from quiver.errors import QuiverError, Unavailable
 
 log = logging.getLogger("quiver.residency")
 
 
 @dataclass
-class _Resident:
+class Resident:
+    """One loaded version: when it was loaded, how often, and how many requests use it now."""
+
     loaded_at: float
     in_flight: int = 0
+    generation: int = 0
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Residency:
     capacity: int
     metrics: Metrics
     load_wait_s: float = 60.0
-    _resident: OrderedDict[str, _Resident] = field(default_factory=OrderedDict)
+    _resident: OrderedDict[str, Resident] = field(default_factory=OrderedDict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _reserved: int = 0
     _slots: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -48,7 +51,7 @@ class Residency:
         return list(self._resident)
 
     @asynccontextmanager
-    async def lease(self, version: AdapterVersion) -> AsyncIterator[None]:
+    async def lease(self, version: AdapterVersion) -> AsyncIterator[Resident]:
         """Hold ``version`` loaded for the duration of one request."""
         name = version.lora_name
         await self.ensure_loaded(version)
@@ -57,7 +60,7 @@ class Residency:
         resident.in_flight += 1
         self._resident.move_to_end(name)
         try:
-            yield
+            yield resident
         finally:
             resident.in_flight -= 1
 
@@ -82,7 +85,22 @@ class Residency:
         finally:
             lock.release()
 
-    async def _load(self, version: AdapterVersion) -> None:
+    async def reload(self, version: AdapterVersion, resident: Resident, generation: int) -> None:
+        """vLLM answered that it does not know a version we hold (it restarted): load it again.
+
+        The same record is kept, so requests in flight on it still protect it from eviction;
+        concurrent callers that saw the same ``generation`` make a single load.
+        """
+        name = version.lora_name
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            if resident.generation != generation:
+                return
+            await self._load(version, resident)
+            if name not in self._resident:
+                self._resident[name] = resident
+                self.metrics.adapters_resident.set(len(self._resident))
+
+    async def _load(self, version: AdapterVersion, resident: Resident | None = None) -> None:
         name = version.lora_name
         started = time.perf_counter()
         try:
@@ -92,7 +110,10 @@ class Residency:
             raise
         self.metrics.adapter_loads.labels(name, "ok").inc()
         self.metrics.adapter_load_seconds.labels(name).observe(time.perf_counter() - started)
-        self._resident[name] = _Resident(loaded_at=time.monotonic())
+        if resident is None:
+            self._resident[name] = Resident(loaded_at=time.monotonic())
+        else:
+            resident.loaded_at, resident.generation = time.monotonic(), resident.generation + 1
         self.metrics.adapters_resident.set(len(self._resident))
         log.info("loaded %s from %s in %.0f ms", name, version.path, 1000 * (time.perf_counter() - started))
 
@@ -123,12 +144,6 @@ class Residency:
                 log.warning("vLLM at %s no longer has %s; it will be loaded again on use", self.replica.url, name)
         self.metrics.adapters_resident.set(len(self._resident))
 
-    def forget(self, name: str) -> None:
-        """Drop one version from the table (vLLM said it does not know it)."""
-        resident = self._resident.pop(name, None)
-        if resident is not None:
-            self.metrics.adapters_resident.set(len(self._resident))
-
     async def discard(self, name: str) -> None:
         """Unload a deleted version now rather than when the LRU gets to it; busy ones wait for the LRU."""
         resident = self._resident.get(name)
@@ -136,7 +151,10 @@ class Residency:
             return
         del self._resident[name]
         self.metrics.adapters_resident.set(len(self._resident))
-        await self.replica.unload_adapter(name)
+        try:
+            await self.replica.unload_adapter(name)
+        except QuiverError as exc:  # vLLM is down: it has forgotten the adapter anyway.
+            log.info("could not unload deleted %s: %s", name, exc.message)
 
     async def unload_all(self) -> None:
         """Best-effort unload of everything this gateway loaded, at shutdown."""

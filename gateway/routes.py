@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from gateway.deps import Gateway, GatewayDep, gateway_of
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, invalid_request
 from quiver.errors import InvalidRequest, ModelNotFound
 
 router = APIRouter()
@@ -29,14 +29,7 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> tuple[dict[str, Any], Base
     try:
         return payload, model.model_validate(payload)
     except ValidationError as exc:
-        raise invalid_from(exc) from None
-
-
-def invalid_from(exc: ValidationError) -> InvalidRequest:
-    """The first pydantic error as an OpenAI-style invalid request."""
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    return InvalidRequest(f"{param}: {first['msg']}" if param else str(first["msg"]), param=param)
+        raise invalid_request(exc.errors()) from None
 
 
 # The generation routes read the gateway straight off the request: FastAPI's dependency solving

@@ -133,7 +133,8 @@ class Proxy:
     async def _open(self, target: Target, endpoint: str, body: bytes, held: AsyncExitStack) -> httpx.Response:
         if not isinstance(target, AdapterOnReplica):
             return await target.replica.open(endpoint, body)
-        await held.enter_async_context(self.residency.lease(target.version))
+        resident = await held.enter_async_context(self.residency.lease(target.version))
+        generation = resident.generation
         try:
             return await target.replica.open(endpoint, body)
         except InvalidRequest as exc:
@@ -141,8 +142,7 @@ class Proxy:
                 raise
         # vLLM no longer knows the adapter: it restarted since our last health poll. Load it
         # again and retry once; nothing has been sent to the client yet.
-        self.residency.forget(target.version.lora_name)
-        await self.residency.ensure_loaded(target.version)
+        await self.residency.reload(target.version, resident, generation)
         return await target.replica.open(endpoint, body)
 
     async def _relay(

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(16, description="vLLM's --max-lora-rank; larger uploads are refused.")
     connect_timeout_s: float = Field(5.0, gt=0, description="Connecting to vLLM.")
     request_timeout_s: float = Field(600.0, gt=0, description="Waiting for vLLM's next byte.")
+    unreachable_after_s: float = Field(
+        300.0, ge=0, description="After this long unreachable, vLLM errors are 502 instead of 503 + Retry-After."
+    )
     adapter_load_timeout_s: float = Field(60.0, gt=0, description="One adapter load into vLLM.")
     health_interval_s: float = Field(1.0, gt=0, description="How often vLLM is polled.")
     registry_refresh_s: float = Field(1.0, gt=0, description="How often outside registry writes are seen.")

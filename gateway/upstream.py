@@ -1,13 +1,17 @@
 """vLLM replicas as small classes around one pooled httpx client each.
 
-Transport failures become typed Quiver errors in one place (``_translate``): refused connection
--> 503 with Retry-After (vLLM is starting or restarting), timeout -> 504, anything else that
-breaks the exchange -> 502.
+Transport failures become typed Quiver errors in one place (``VllmReplica._translating``):
+a refused connection is 503 with Retry-After while vLLM is starting or was up recently
+(``unreachable_after_s``), and 502 once it has been unreachable for longer; a timeout is 504;
+anything else that breaks the exchange is 502. Client-facing messages leave out the upstream's
+address; the log has it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -23,36 +27,15 @@ ReplicaState = Literal["starting", "up", "down"]
 _JSON = {"content-type": "application/json"}
 # Seconds a client should wait before retrying while vLLM is unreachable or starting.
 RETRY_AFTER_S = 2.0
+# vLLM's server drops idle keep-alive connections after 5 s; reusing one just as it closes
+# fails the request, so the pool lets them go first.
+_KEEPALIVE_S = 4.0
 
 
-@contextmanager
-def _translate(url: str, action: str) -> Iterator[None]:
-    try:
-        yield
-    except httpx.ConnectError as exc:
-        raise Unavailable(
-            f"vLLM at {url} is not accepting connections ({action}); it may be starting or restarting",
-            retry_after=RETRY_AFTER_S,
-            code="upstream_unavailable",
-        ) from exc
-    except httpx.ConnectTimeout as exc:
-        raise Unavailable(
-            f"vLLM at {url} did not accept the connection in time ({action})",
-            retry_after=RETRY_AFTER_S,
-            code="upstream_unavailable",
-        ) from exc
-    except httpx.TimeoutException as exc:
-        raise UpstreamTimeout(f"vLLM at {url} timed out ({action})") from exc
-    except httpx.TransportError as exc:
-        raise UpstreamError(f"vLLM at {url} failed ({action}): {type(exc).__name__}: {exc}") from exc
-
-
-def upstream_error(url: str, status: int, body: bytes) -> QuiverError:
+def upstream_error(status: int, body: bytes) -> QuiverError:
     """Turn a vLLM error answer into the matching Quiver error, keeping vLLM's message."""
     message, param = body.decode("utf-8", "replace").strip(), None
     try:
-        import json
-
         parsed = json.loads(body)
         if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
             message = str(parsed["error"].get("message") or message)
@@ -62,12 +45,12 @@ def upstream_error(url: str, status: int, body: bytes) -> QuiverError:
     except ValueError:
         pass
     if status == 503:
-        return Unavailable(f"vLLM at {url} is busy: {message}", retry_after=RETRY_AFTER_S)
+        return Unavailable(f"vLLM is busy: {message}", retry_after=RETRY_AFTER_S)
     if 400 <= status < 500:
         error = InvalidRequest(message, param=param if isinstance(param, str) else None)
         error.status_code = status
         return error
-    return UpstreamError(f"vLLM at {url} answered {status}: {message}")
+    return UpstreamError(f"vLLM answered {status}: {message}")
 
 
 class VllmReplica:
@@ -80,12 +63,15 @@ class VllmReplica:
         connect_timeout_s: float = 5.0,
         request_timeout_s: float = 600.0,
         load_timeout_s: float = 60.0,
+        unreachable_after_s: float = 300.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = url
         self.state: ReplicaState = "starting"
         self.served_model: str | None = None
         self.model_root: str | None = None
+        self._unreachable_after_s = unreachable_after_s
+        self._last_up = time.monotonic()
         self._urls: dict[str, httpx.URL] = {}
         self._load_timeout = httpx.Timeout(load_timeout_s, connect=connect_timeout_s)
         self._probe_timeout = httpx.Timeout(connect_timeout_s)
@@ -94,29 +80,59 @@ class VllmReplica:
         self._client = httpx.AsyncClient(
             base_url=url,
             timeout=httpx.Timeout(request_timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=60),
+            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=_KEEPALIVE_S),
             transport=transport,
         )
         self._extensions = {"timeout": self._client.timeout.as_dict()}
+
+    def mark_up(self) -> None:
+        """Record a successful health check."""
+        self.state = "up"
+        self._last_up = time.monotonic()
+
+    @contextmanager
+    def _translating(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            log.warning("vLLM at %s: %s failed: %s", self.url, action, exc)
+            down_for = time.monotonic() - self._last_up
+            if down_for > self._unreachable_after_s:
+                raise UpstreamError(
+                    f"vLLM has been unreachable for {down_for:.0f} s ({action})", code="upstream_unreachable"
+                ) from exc
+            raise Unavailable(
+                f"vLLM is not accepting connections ({action}); it may be starting or restarting",
+                retry_after=RETRY_AFTER_S,
+                code="upstream_unavailable",
+            ) from exc
+        except httpx.TimeoutException as exc:
+            log.warning("vLLM at %s: %s timed out", self.url, action)
+            raise UpstreamTimeout(f"vLLM timed out ({action})") from exc
+        except httpx.TransportError as exc:
+            log.warning("vLLM at %s: %s failed: %r", self.url, action, exc)
+            raise UpstreamError(f"vLLM failed ({action}): {type(exc).__name__}") from exc
 
     async def open(self, path: str, body: bytes) -> httpx.Response:
         """POST ``body`` and return the response with its body not yet read (for streaming)."""
         # A prebuilt absolute URL: httpx's build_request spends more merging URLs than sending.
         url = self._urls.get(path) or self._urls.setdefault(path, httpx.URL(self.url + path))
         request = httpx.Request("POST", url, content=body, headers=_JSON, extensions=self._extensions)
-        with _translate(self.url, f"POST {path}"):
+        with self._translating(f"POST {path}"):
             response = await self._client.send(request, stream=True)
-        if response.status_code >= 400:
-            with _translate(self.url, f"reading error of POST {path}"):
+        if response.status_code < 400:
+            return response
+        try:
+            with self._translating(f"reading the error of POST {path}"):
                 error_body = await response.aread()
+        finally:
             await response.aclose()
-            raise upstream_error(self.url, response.status_code, error_body)
-        return response
+        raise upstream_error(response.status_code, error_body)
 
     async def relay(self, response: httpx.Response) -> AsyncIterator[bytes]:
         """Yield the upstream body chunk by chunk as it arrives, translating transport errors."""
         try:
-            with _translate(self.url, "streaming the answer"):
+            with self._translating("streaming the answer"):
                 async for chunk in response.aiter_raw():
                     yield chunk
         finally:
@@ -125,49 +141,64 @@ class VllmReplica:
     async def read(self, response: httpx.Response) -> bytes:
         """Read a whole (non-streamed) upstream body."""
         try:
-            with _translate(self.url, "reading the answer"):
+            with self._translating("reading the answer"):
                 return await response.aread()
         finally:
             await response.aclose()
 
     async def load_adapter(self, lora_name: str, lora_path: str) -> None:
-        """Load an adapter through vLLM's runtime LoRA API; an already loaded name is fine."""
-        await self._lora_call("/v1/load_lora_adapter", {"lora_name": lora_name, "lora_path": lora_path})
+        """Load an adapter through vLLM's runtime LoRA API.
 
-    async def unload_adapter(self, lora_name: str) -> None:
-        """Unload an adapter; one vLLM no longer knows is fine."""
-        await self._lora_call("/v1/unload_lora_adapter", {"lora_name": lora_name})
-
-    async def _lora_call(self, path: str, payload: dict[str, str]) -> None:
-        with _translate(self.url, f"POST {path}"):
-            response = await self._client.post(path, json=payload, timeout=self._load_timeout)
+        vLLM may already hold the name, after a gateway restart. That is fine when it was loaded
+        from the same directory; from another one (a registry reset in front of a running vLLM),
+        the stale adapter is replaced, never served under the new version's name.
+        """
+        response = await self._lora_post("/v1/load_lora_adapter", {"lora_name": lora_name, "lora_path": lora_path})
         if response.status_code < 400:
             return
-        text = response.text
-        # After a gateway restart vLLM may already hold the name (load: 400 "already been
-        # loaded") or may have forgotten it (unload: 400/404); both mean the goal is reached.
-        if "already been loaded" in text or (
-            path.endswith("unload_lora_adapter") and response.status_code in (400, 404)
-        ):
+        if "already been loaded" not in response.text:
+            raise self._lora_refusal("load", lora_name, response)
+        held = next((m for m in await self.models() if m.get("id") == lora_name), None)
+        if held is None or held.get("root") in (None, lora_path):
             return
-        error = upstream_error(self.url, response.status_code, response.content)
+        log.warning("vLLM holds %s from %s, not %s; loading it again", lora_name, held.get("root"), lora_path)
+        await self.unload_adapter(lora_name)
+        response = await self._lora_post("/v1/load_lora_adapter", {"lora_name": lora_name, "lora_path": lora_path})
+        if response.status_code >= 400:
+            raise self._lora_refusal("load", lora_name, response)
+
+    async def unload_adapter(self, lora_name: str) -> None:
+        """Unload an adapter; one vLLM no longer knows (400/404) is already where we want it."""
+        response = await self._lora_post("/v1/unload_lora_adapter", {"lora_name": lora_name})
+        if response.status_code >= 400 and response.status_code not in (400, 404):
+            raise self._lora_refusal("unload", lora_name, response)
+
+    async def _lora_post(self, path: str, payload: dict[str, str]) -> httpx.Response:
+        with self._translating(f"POST {path}"):
+            return await self._client.post(path, json=payload, timeout=self._load_timeout)
+
+    @staticmethod
+    def _lora_refusal(action: str, lora_name: str, response: httpx.Response) -> QuiverError:
+        error = upstream_error(response.status_code, response.content)
         if isinstance(error, InvalidRequest):
             # The adapter was validated before vLLM saw it; a refusal now is vLLM's problem.
-            raise UpstreamError(f"vLLM refused {path} for {payload['lora_name']}: {error.message}")
-        raise error
+            return UpstreamError(f"vLLM refused to {action} {lora_name}: {error.message}")
+        return error
 
     async def models(self) -> list[dict[str, Any]]:
         """vLLM's ``/v1/models`` entries; also remembers the base model's served name."""
-        with _translate(self.url, "GET /v1/models"):
+        with self._translating("GET /v1/models"):
             response = await self._client.get("/v1/models", timeout=self._probe_timeout)
         if response.status_code != 200:
-            raise upstream_error(self.url, response.status_code, response.content)
-        data: list[dict[str, Any]] = response.json()["data"]
-        for entry in data:
-            if entry.get("parent") is None:
-                self.served_model = self.served_model or str(entry["id"])
-                self.model_root = str(entry.get("root") or entry["id"])
-                break
+            raise upstream_error(response.status_code, response.content)
+        try:
+            data: list[dict[str, Any]] = response.json()["data"]
+            base = next((m for m in data if m.get("parent") is None), None)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UpstreamError(f"vLLM's /v1/models answer is not an OpenAI model list: {exc!r}") from exc
+        if base is not None:
+            self.served_model = self.served_model or str(base["id"])
+            self.model_root = str(base.get("root") or base["id"])
         return data
 
     async def aclose(self) -> None:

@@ -7,7 +7,8 @@ body ``{"error": {"message", "type", "param", "code"}}`` with ``status_code``.
     ├── InvalidRequest         400 invalid_request_error  (malformed body, bad parameter)
     │   ├── InvalidArchive     400 invalid_archive        (unsafe or unreadable upload)
     │   ├── InvalidAdapter     422 invalid_adapter        (not servable by vLLM on this base)
-    │   └── PayloadTooLarge    413 payload_too_large
+    │   ├── PayloadTooLarge    413 payload_too_large
+    │   └── LengthRequired     411 length_required        (an upload without Content-Length)
     ├── NotFound               404 not_found
     │   └── ModelNotFound      404 model_not_found
     ├── Conflict               409 conflict               (e.g. deleting an aliased version)
@@ -78,6 +79,13 @@ class PayloadTooLarge(InvalidRequest):
 
     status_code = 413
     default_code = "payload_too_large"
+
+
+class LengthRequired(InvalidRequest):
+    """An upload that does not say how large it is, so its size cannot be checked up front."""
+
+    status_code = 411
+    default_code = "length_required"
 
 
 class NotFound(QuiverError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import threading
+import json
 from pathlib import Path
 
 import httpx
@@ -104,28 +104,32 @@ def test_lru_unloads_least_recently_used_beyond_the_bound(
 def test_request_in_flight_finishes_on_its_version_when_the_alias_moves(
     gateway: GatewayServer, lora_dirs: tuple[Path, ...], unique_name: str
 ) -> None:
-    name = unique_name
+    name, other = unique_name, f"{unique_name}-other"
     push(gateway.url, name, lora_dirs[0])
     push(gateway.url, name, lora_dirs[1])
+    push(gateway.url, other, lora_dirs[2])
     httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 1})
     expected, _ = greedy(gateway.url, name, max_tokens=48)
 
-    first_chunk = threading.Event()
     body = {"model": name, "messages": QUESTION, "max_tokens": 48, "temperature": 0, "seed": 0, "stream": True}
+    pieces: list[str] = []
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=120) as response:
         assert response.headers["x-quiver-served-by"] == f"{name}@v1"
-        pieces = []
-        for line in response.iter_lines():
-            if not first_chunk.is_set():
-                first_chunk.set()
-                moved = httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 2})
-                assert moved.status_code == 200
-                _, headers = greedy(gateway.url, name, max_tokens=1)
-                assert headers["x-quiver-served-by"] == f"{name}@v2"
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: {"))
+        # Mid-stream: move the alias, and use two other adapters so the LRU (2 slots) must evict.
+        moved = httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 2})
+        assert moved.status_code == 200
+        assert greedy(gateway.url, name, max_tokens=1)[1]["x-quiver-served-by"] == f"{name}@v2"
+        # v1 is the least recently used, but in use: the LRU must evict v2 instead.
+        assert greedy(gateway.url, other, max_tokens=1)[1]["x-quiver-served-by"] == f"{other}@v1"
+        assert gateway.gateway.residency.loaded == [f"{name}@v1", f"{other}@v1"]
+        for line in [first, *lines]:
             if line.startswith("data: {"):
-                import json
-
                 choices = json.loads(line[6:])["choices"]
                 if choices and choices[0]["delta"].get("content"):
                     pieces.append(choices[0]["delta"]["content"])
     assert "".join(pieces) == expected
+    # With the stream done, v1 is evictable again.
+    assert greedy(gateway.url, name, max_tokens=1)[1]["x-quiver-served-by"] == f"{name}@v2"
+    assert gateway.gateway.residency.loaded == [f"{other}@v1", f"{name}@v2"]

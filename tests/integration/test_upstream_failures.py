@@ -1,4 +1,4 @@
-"""vLLM killed and restarted, and a vLLM too slow to answer, seen through the gateway."""
+"""vLLM killed and restarted, and a vLLM that is not there, seen through the gateway."""
 
 from __future__ import annotations
 
@@ -34,17 +34,6 @@ def test_vllm_killed_then_restarted(
     assert headers["x-quiver-served-by"] == lora
     assert after == before
     assert gateway.metric("quiver_adapter_loads_total", adapter=lora, outcome="ok") == 2
-
-
-def test_upstream_timeout_is_504(settings: Settings) -> None:
-    with running_gateway(settings.model_copy(update={"request_timeout_s": 0.05})) as slow:
-        response = httpx.post(
-            f"{slow.url}/v1/chat/completions",
-            json={"model": "base", "messages": QUESTION, "max_tokens": 200, "ignore_eos": True},
-            timeout=60,
-        )
-    assert response.status_code == 504
-    assert error_of(response)["code"] == "upstream_timeout"
 
 
 def test_nothing_listening_is_503_with_retry_after(settings: Settings) -> None:

@@ -123,13 +123,33 @@ async def test_upstream_4xx_keeps_status_and_message() -> None:
     assert "too large" in caught.value.message
 
 
-async def test_load_of_an_already_loaded_name_is_success() -> None:
-    replica = _replica(
-        httpx.MockTransport(
-            lambda r: httpx.Response(400, json={"error": {"message": "The lora adapter 'a' has already been loaded."}})
-        )
-    )
-    await replica.load_adapter("a", "/x")
+class HoldsAlready:
+    """A vLLM that already holds ``a`` (loaded from ``root``) and records what it is asked."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.calls: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls.append(request.url.path)
+        if request.url.path == "/v1/models":
+            data = [{"id": "m", "parent": None}, {"id": "a", "root": self.root, "parent": "m"}]
+            return httpx.Response(200, json={"data": data})
+        if request.url.path == "/v1/load_lora_adapter" and self.calls.count(request.url.path) == 1:
+            return httpx.Response(400, json={"error": {"message": "The lora adapter 'a' has already been loaded."}})
+        return httpx.Response(200, text="ok")
+
+
+async def test_load_of_a_name_already_held_from_the_same_directory_is_success() -> None:
+    fake = HoldsAlready("/store/a/1")
+    await _replica(httpx.MockTransport(fake)).load_adapter("a", "/store/a/1")
+    assert fake.calls == ["/v1/load_lora_adapter", "/v1/models"]
+
+
+async def test_a_name_held_from_another_directory_is_replaced() -> None:
+    fake = HoldsAlready("/old-store/a/1")
+    await _replica(httpx.MockTransport(fake)).load_adapter("a", "/store/a/1")
+    assert fake.calls == ["/v1/load_lora_adapter", "/v1/models", "/v1/unload_lora_adapter", "/v1/load_lora_adapter"]
 
 
 def test_usage_is_read_from_the_tail() -> None:
