@@ -27,9 +27,14 @@ err = Console(stderr=True)
 @app.command()
 def up(
     model: Annotated[
-        str | None, typer.Option(help="Base model directory or hub name (default: embedded SmolLM2-135M-Instruct).")
+        str | None,
+        typer.Option(
+            envvar="QUIVER_MODEL", help="Base model directory or hub name (default: embedded SmolLM2-135M-Instruct)."
+        ),
     ] = None,
-    vllm_url: Annotated[str | None, typer.Option(help="Use an already running vLLM instead of starting one.")] = None,
+    vllm_url: Annotated[
+        str | None, typer.Option(envvar="QUIVER_VLLM_URL", help="Use an already running vLLM instead of starting one.")
+    ] = None,
     host: Annotated[str, typer.Option(envvar="QUIVER_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="QUIVER_PORT")] = 8000,
     vllm_port: Annotated[int, typer.Option(envvar="QUIVER_VLLM_PORT")] = 8001,
@@ -39,7 +44,7 @@ def up(
     """Start vLLM and the gateway; Ctrl-C stops both."""
     from quiver import up as up_module
 
-    up_module.run(
+    code = up_module.run(
         model=model,
         vllm_url=vllm_url,
         host=host,
@@ -49,6 +54,7 @@ def up(
         max_lora_rank=max_lora_rank,
         console=console,
     )
+    raise typer.Exit(code)
 
 
 @model_app.command("prepare")
@@ -60,16 +66,22 @@ def model_prepare() -> None:
 
 
 def _registry() -> Registry:
-    """The registry from ``QUIVER_*`` settings, checking uploads against the base model when known."""
+    """The registry from ``QUIVER_*`` settings, validating pushes against what ``quiver up`` serves."""
     from adapters import BaseModelSpec
     from gateway.app import open_registry
     from gateway.settings import Settings
     from quiver import embedded
+    from quiver.up import read_served
 
     settings = Settings()
-    base_dir, base_name = settings.base_model_path, settings.base_model
+    served = read_served(settings.data_dir)
+    explicit = settings.model_fields_set
+    base_dir = settings.base_model_path or (Path(served["base_model_path"]) if served.get("base_model_path") else None)
+    base_name = settings.base_model or served.get("base_model")
     if base_dir is None and (embedded.model_dir() / "config.json").is_file():
         base_dir, base_name = embedded.model_dir(), base_name or embedded.SERVED_NAME
+    if "max_lora_rank" not in explicit and served.get("max_lora_rank"):
+        settings = settings.model_copy(update={"max_lora_rank": int(served["max_lora_rank"])})
     base = BaseModelSpec.from_model_dir(base_dir, base_name) if base_dir else None
     return open_registry(settings, base)
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
+from pydantic import ValidationError
 from rich.console import Console
 
 from gateway import Settings, create_app
@@ -47,6 +51,48 @@ def _banner(console: Console, settings: Settings, base: str, vllm_url: str, star
     console.rule()
 
 
+SERVED_FILE = "served.json"
+
+
+def write_served(settings: Settings) -> None:
+    """Record what is being served, so the CLI validates pushes against the same base and rank."""
+    served = {
+        "base_model": settings.base_model,
+        "base_model_path": str(settings.base_model_path) if settings.base_model_path else None,
+        "max_lora_rank": settings.max_lora_rank,
+        "vllm_url": settings.vllm_url,
+    }
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = settings.data_dir / f".{SERVED_FILE}.tmp"
+    tmp.write_text(json.dumps(served, indent=2))
+    tmp.replace(settings.data_dir / SERVED_FILE)
+
+
+def read_served(data_dir: Path) -> dict[str, Any]:
+    """What the last ``quiver up`` with this data dir served, or nothing."""
+    try:
+        served: dict[str, Any] = json.loads((data_dir / SERVED_FILE).read_text())
+        return served
+    except (OSError, ValueError):
+        return {}
+
+
+def _settings(**values: Any) -> Settings:
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise UpFailed(f"invalid configuration: {problems}") from None
+
+
+class UpFailed(Exception):
+    """Start-up could not finish; the message says why."""
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(
     *,
     model: str | None,
@@ -57,18 +103,24 @@ def run(
     max_loras: int,
     max_lora_rank: int,
     console: Console,
-) -> None:
-    """Serve until interrupted."""
+) -> int:
+    """Serve until interrupted (Ctrl-C or SIGTERM); returns the exit code."""
     started = time.monotonic()
-    settings = Settings(host=host, port=port, max_loras=max_loras, max_lora_rank=max_lora_rank)
-    if port_in_use(host, port):
-        raise SystemExit(f"port {port} on {host} is already in use; choose another with --port")
+    # SIGTERM (a service manager, `kill`) stops vLLM in order just like Ctrl-C.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     server: VllmServer | None = None
     try:
+        given = {"host": host, "port": port, "max_loras": max_loras, "max_lora_rank": max_lora_rank}
+        settings = _settings(**given)
+        if port_in_use(host, port):
+            raise UpFailed(f"port {port} on {host} is already in use; choose another with --port")
         if vllm_url:
-            vllm_url = vllm_url.rstrip("/")
+            vllm_url = _settings(**given, vllm_url=vllm_url).vllm_url
             with console.status(f"Asking {vllm_url} what it serves"):
-                base, root = _ask_base(vllm_url)
+                try:
+                    base, root = _ask_base(vllm_url)
+                except (httpx.HTTPError, StopIteration, KeyError, ValueError) as exc:
+                    raise UpFailed(f"could not ask vLLM at {vllm_url} what it serves: {exc!r}") from None
             base_path = Path(root) if root and (Path(root) / "config.json").is_file() else None
         else:
             model_path = model or str(embedded.prepare(console=console))
@@ -82,39 +134,52 @@ def run(
                 max_loras=max_loras,
                 max_lora_rank=max_lora_rank,
             )
-            server.start()
+            try:
+                server.start()
+                with console.status("Starting vLLM (about 40 s on a CPU)") as status:
+                    server.wait_ready(on_wait=lambda line: status.update(f"Starting vLLM: [dim]{line}[/]"))
+            except RuntimeError as exc:
+                raise UpFailed(str(exc)) from None
             vllm_url = server.url
-            with console.status("Starting vLLM (about 40 s on a CPU)") as status:
-                server.wait_ready(on_wait=lambda line: status.update(f"Starting vLLM: [dim]{line}[/]"))
-        settings = settings.model_copy(update={"vllm_url": vllm_url, "base_model": base, "base_model_path": base_path})
-        app = create_app(settings)
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            loop="uvloop",
-            http="httptools",
-            log_level=settings.log_level,
-            access_log=False,
-        )
-        gateway = uvicorn.Server(config)
-        original_startup = gateway.startup
-
-        async def startup(sockets: object = None) -> None:
-            await original_startup(sockets=sockets)  # type: ignore[arg-type]
-            if gateway.started:
-                _banner(console, settings, base, vllm_url or "", started)
-
-        gateway.startup = startup  # type: ignore[method-assign]
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        # One line per health poll would drown what matters.
-        for noisy in ("httpx", "httpcore"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        asyncio.run(gateway.serve())
+        settings = _settings(**given, vllm_url=vllm_url, base_model=base, base_model_path=base_path)
+        write_served(settings)
+        return _serve(settings, base, console, started)
     except KeyboardInterrupt:
-        pass
+        return 0
+    except UpFailed as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 1
     finally:
         if server is not None:
             with console.status("Stopping vLLM"):
                 server.stop()
         console.print("Stopped.")
+
+
+def _serve(settings: Settings, base: str, console: Console, started: float) -> int:
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level,
+        access_log=False,
+    )
+    gateway = uvicorn.Server(config)
+    original_startup = gateway.startup
+
+    async def startup(sockets: object = None) -> None:
+        await original_startup(sockets=sockets)  # type: ignore[arg-type]
+        if gateway.started:
+            _banner(console, settings, base, settings.vllm_url, started)
+
+    gateway.startup = startup  # type: ignore[method-assign]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # One line per health poll would drown what matters.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    asyncio.run(gateway.serve())
+    if not gateway.started:
+        raise UpFailed("the gateway did not start; see the log above")
+    return 0

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from quiver import embedded
-from quiver.vllm_server import VllmServer, free_port
+from quiver.vllm_server import free_port, port_in_use
 from tests.integration.openai_helpers import QUESTION, client, greedy
 from tests.servers import healthy, wait_until
 
@@ -22,19 +21,23 @@ def quiver(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_up_push_chat_alias_and_ctrl_c(vllm: VllmServer, lora_dirs: tuple[Path, ...], tmp_path: Path) -> None:
-    port = free_port()
-    env = dict(os.environ, QUIVER_DATA_DIR=str(tmp_path / "data"), QUIVER_BASE_MODEL_PATH=str(embedded.model_dir()))
+def test_up_starts_vllm_serves_pushes_and_stops_both_on_ctrl_c(
+    base_model_dir: Path, lora_dirs: tuple[Path, ...], tmp_path: Path
+) -> None:
+    """What `make up` runs: quiver up with its own vLLM on the embedded model."""
+    port, vllm_port = free_port(), free_port()
+    env = dict(os.environ, QUIVER_DATA_DIR=str(tmp_path / "data"))
     log = (tmp_path / "up.log").open("w")
     up = subprocess.Popen(
-        [sys.executable, "-m", "quiver.cli", "up", "--vllm-url", vllm.url, "--port", str(port)],
+        [sys.executable, "-m", "quiver.cli", "up", "--port", str(port), "--vllm-port", str(vllm_port)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: up.poll() is None and healthy(url), timeout_s=120, what="quiver up to serve")
+        wait_until(lambda: up.poll() is None and healthy(url), timeout_s=600, what="quiver up to serve")
+        assert port_in_use("127.0.0.1", vllm_port)
         assert "base" in {m.id for m in client(url).models.list()}
 
         name = f"e2e{port}"
@@ -77,3 +80,13 @@ def test_up_push_chat_alias_and_ctrl_c(vllm: VllmServer, lora_dirs: tuple[Path, 
     assert "Quiver is serving" in output and f"localhost:{port}" in output
     assert "Stopped." in output
     assert not healthy(url)
+    assert not port_in_use("127.0.0.1", vllm_port), "Ctrl-C stops vLLM too"
+
+
+def test_up_explains_a_bad_vllm_url(tmp_path: Path) -> None:
+    env = dict(os.environ, QUIVER_DATA_DIR=str(tmp_path / "data"))
+    bad = quiver("up", "--vllm-url", "localhost:8001", "--port", str(free_port()), env=env)
+    assert bad.returncode == 1
+    assert "must start with http" in bad.stdout and "Traceback" not in bad.stdout + bad.stderr
+    nothing = quiver("up", "--vllm-url", f"http://127.0.0.1:{free_port()}", "--port", str(free_port()), env=env)
+    assert nothing.returncode == 1 and "could not ask vLLM" in nothing.stdout
