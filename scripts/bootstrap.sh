@@ -28,8 +28,14 @@ if [ -f "$stamp" ] || { [ "$want" = runtime ] && [ -f "$venv/.quiver-$flavour,de
 fi
 
 echo "==> Setting up $venv with the $flavour build of vLLM (extras: $extras); first run takes a few minutes"
-if [ ! -x "$venv/bin/python" ]; then
-  "$python" -m venv "$venv"
+# A venv whose pip does not run (an interrupted first run, a python without ensurepip) is rebuilt.
+if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+  rm -rf "$venv"
+  if ! "$python" -m venv "$venv"; then
+    rm -rf "$venv"
+    echo "error: '$python -m venv' failed; install your distribution's venv package (e.g. python3-venv)" >&2
+    exit 1
+  fi
 fi
 "$venv/bin/python" -m pip install --progress-bar on -e ".[$extras]"
 
