@@ -24,7 +24,7 @@ from gateway.router import AdapterOnReplica, Plan, Router, Target
 from quiver.errors import InvalidRequest, QuiverError, Unavailable, UpstreamError
 
 SERVED_BY = "x-quiver-served-by"
-_USAGE_KEY = b'"usage":{'
+_USAGE_KEY = b'"usage"'
 _DECODER = json.JSONDecoder()
 # Bytes of a stream's tail kept to find the final usage chunk.
 _TAIL_BYTES = 4096
@@ -35,8 +35,9 @@ def usage_of(body: bytes) -> dict[str, Any] | None:
     start = body.rfind(_USAGE_KEY)
     if start < 0:
         return None
+    text = body[start + len(_USAGE_KEY) :].decode("utf-8", "replace").lstrip(" :\t\r\n")
     try:
-        usage, _ = _DECODER.raw_decode(body.decode("utf-8", "replace"), start + len(_USAGE_KEY) - 1)
+        usage, _ = _DECODER.raw_decode(text)
     except ValueError:
         return None
     return usage if isinstance(usage, dict) else None

@@ -159,6 +159,11 @@ def test_usage_is_read_from_the_tail() -> None:
     )
     assert usage_of(stream) == {"prompt_tokens": 3, "completion_tokens": 2}
     assert usage_of(b'data: {"choices":[]}\n\n') is None
+    assert usage_of(b'{"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}') == {
+        "prompt_tokens": 3,
+        "completion_tokens": 1,
+    }
+    assert usage_of(b'data: {"choices":[],"usage":null}\n\n') is None
 
 
 def test_settings_fail_fast_with_clear_messages(tmp_path: Path) -> None:
