@@ -18,12 +18,12 @@ else
   flavour=cpu
 fi
 extras="$flavour"
-[ "$want" = dev ] && extras="$flavour,dev"
+[ "$want" = dev ] && extras="$flavour,training,dev"
 
 # The stamp names what was installed from which pyproject.toml; anything else means reinstall.
 key="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)"
 stamp="$venv/.quiver-$extras-$key"
-if [ -f "$stamp" ] || { [ "$want" = runtime ] && [ -f "$venv/.quiver-$flavour,dev-$key" ]; }; then
+if [ -f "$stamp" ] || { [ "$want" = runtime ] && [ -f "$venv/.quiver-$flavour,training,dev-$key" ]; }; then
   exit 0
 fi
 

@@ -19,8 +19,11 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
+from rich.console import Console
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from training.config import TrainConfig
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -318,3 +321,59 @@ def lying_zip(out: Path, real_size: int, declared_size: int) -> Path:
         data[offset : offset + 4] = declared
     out.write_bytes(bytes(data))
     return out
+
+
+# -- training -----------------------------------------------------------------------------------
+
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "quiver_manifest.json"}
+TRAIN_MAX_STEPS = 8
+TRAIN_SAVE_STEPS = 4
+
+
+def make_tiny_base(base_model_dir: Path, out: Path) -> Path:
+    """A two-layer Llama with SmolLM2's vocabulary (so its tokenizer and chat template), saved like a base model.
+
+    Weights are drawn wider than Llama's default (std 0.2, not 0.02) so a few LoRA steps visibly move the loss.
+    SmolLM2 pads with its EOS (pad_token_id 2 == eos_token_id 2); so does this model.
+    """
+    config = tiny_llama_config()
+    config.vocab_size = 49152
+    config.max_position_embeddings = 512
+    config.initializer_range = 0.2
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_model_dir).save_pretrained(out)
+    return out
+
+
+def quiet() -> Console:
+    """A console that records what a person would see, without a terminal."""
+    return Console(file=io.StringIO(), width=120)
+
+
+def output_of(console: Console) -> str:
+    assert isinstance(console.file, io.StringIO)
+    return console.file.getvalue()
+
+
+def train_config(base: Path, out: Path, **changes: Any) -> TrainConfig:
+    """A fast, deterministic training config for a tiny base."""
+    settings: dict[str, Any] = {
+        "base_model": base,
+        "output_dir": out,
+        "rank": 8,
+        "alpha": 16,
+        "dropout": 0.0,
+        "max_steps": TRAIN_MAX_STEPS,
+        "lr": 1e-2,
+        # Constant, so that a resumed run and an uninterrupted one take the very same steps.
+        "lr_scheduler": "constant",
+        "batch_size": 3,
+        "logging_steps": 1,
+        "save_steps": TRAIN_SAVE_STEPS,
+        "max_lora_rank": 16,
+    }
+    return TrainConfig(**{**settings, **changes})

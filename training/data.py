@@ -1,0 +1,852 @@
+"""Training data: load the supported formats as chat examples, split them, and check splits for leakage.
+
+Formats, detected per file from its records' keys (every record of a file must be the same format):
+
+    openai_chat   {"messages": [{"role", "content"}, ...], "weight"?: number}
+    alpaca        {"instruction", "input"?, "output", "system"?, "weight"?}
+    sharegpt      {"conversations": [{"from": human|gpt|system, "value"}, ...], "system"?, "weight"?}
+    preference    {"prompt": str | [messages], "chosen": str | [assistant message], "rejected": same}
+
+Files are JSON Lines (``.jsonl``, one record a line, blank lines allowed) or a JSON array (``.json``).
+Every malformed record is reported with the file, its 1-based line and what is wrong, all in one
+``DataError``; nothing is skipped. Extra keys such as ``id`` are ignored, but keys that would change
+what is trained and that Quiver does not train on (tools, per-message weights, ``history``) are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal, NoReturn, TypeVar, cast, overload
+
+from quiver.errors import InvalidRequest
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+
+# Length of the character n-grams compared for near duplicates: long enough that shared words
+# in unrelated texts do not look alike, short enough that a typo changes only a few n-grams.
+SHINGLE = 5
+# How many malformed records one error lists; the count says how many more there are.
+MAX_LISTED_PROBLEMS = 20
+
+
+class DataError(InvalidRequest):
+    """Training data that cannot be used as it is; the message names the file, line and problem.
+
+    ``problems`` holds one ``file:line: what`` string per malformed record (the message lists the first 20).
+    """
+
+    default_code = "invalid_training_data"
+
+    def __init__(self, message: str, *, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems) or (message,)
+
+
+class DataFormat(StrEnum):
+    """The record formats ``load_examples`` understands."""
+
+    OPENAI_CHAT = "openai_chat"
+    ALPACA = "alpaca"
+    SHAREGPT = "sharegpt"
+    PREFERENCE = "preference"
+
+    @property
+    def label(self) -> str:
+        """How error messages name the format."""
+        return _FORMAT_LABELS[self]
+
+
+_FORMAT_LABELS = {
+    DataFormat.OPENAI_CHAT: "OpenAI chat ('messages')",
+    DataFormat.ALPACA: "alpaca ('instruction'/'output')",
+    DataFormat.SHAREGPT: "ShareGPT ('conversations')",
+    DataFormat.PREFERENCE: "preference pairs ('prompt'/'chosen'/'rejected')",
+}
+# The keys that identify a format; a record showing keys of two formats is ambiguous.
+_SIGNATURES = {
+    DataFormat.OPENAI_CHAT: frozenset({"messages"}),
+    DataFormat.ALPACA: frozenset({"instruction", "output"}),
+    DataFormat.SHAREGPT: frozenset({"conversations"}),
+    DataFormat.PREFERENCE: frozenset({"chosen", "rejected"}),
+}
+# Keys that carry meaning we would otherwise drop on the floor: refused, with the reason.
+_REFUSED_RECORD_KEYS = {
+    "tools": "tool definitions are not supported",
+    "functions": "function definitions are not supported",
+    "parallel_tool_calls": "tool calls are not supported",
+    "history": "alpaca 'history' (earlier turns) is not supported; write multi-turn data as OpenAI chat",
+}
+_REFUSED_MESSAGE_KEYS = {
+    "weight": "per-message 'weight' is not supported; put 'weight' on the record",
+    "tool_calls": "tool calls are not supported",
+    "function_call": "function calls are not supported",
+    "tool_call_id": "tool results are not supported",
+}
+_SHAREGPT_ROLES: dict[str, Role] = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat turn."""
+
+    role: Role
+    content: str
+
+    def to_dict(self) -> dict[str, str]:
+        """The OpenAI / chat-template shape, ``{"role", "content"}``."""
+        return {"role": self.role, "content": self.content}
+
+
+def _prompt_text(messages: Sequence[Message]) -> str:
+    # The system prompt is left out on purpose: it is usually shared by every example and
+    # would make unrelated examples look alike to the leakage check.
+    return "\n".join(m.content for m in messages if m.role == "user")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatExample:
+    """A conversation to learn from: optional system, then user/assistant turns ending with the assistant."""
+
+    messages: tuple[Message, ...]
+    weight: float = 1.0
+    source: str
+    line: int
+
+    @property
+    def prompt_text(self) -> str:
+        """The user turns, which the leakage check compares."""
+        return _prompt_text(self.messages)
+
+    @property
+    def where(self) -> str:
+        """``file:line`` of the record."""
+        return f"{self.source}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PreferenceExample:
+    """A prompt (ending with a user turn) with a preferred and a dispreferred assistant reply."""
+
+    prompt: tuple[Message, ...]
+    chosen: str
+    rejected: str
+    source: str
+    line: int
+
+    @property
+    def prompt_text(self) -> str:
+        """The user turns of the prompt, which the leakage check compares."""
+        return _prompt_text(self.prompt)
+
+    @property
+    def where(self) -> str:
+        """``file:line`` of the record."""
+        return f"{self.source}:{self.line}"
+
+
+Example = ChatExample | PreferenceExample
+E = TypeVar("E", bound=Example)
+
+
+@dataclass(frozen=True)
+class DataFile(Sequence[Example]):
+    """The examples of one training file, all of one format, with the file's hash; a sequence of them."""
+
+    path: Path
+    format: DataFormat
+    examples: tuple[ChatExample, ...] | tuple[PreferenceExample, ...]
+    sha256: str
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __iter__(self) -> Iterator[Example]:
+        return iter(self.examples)
+
+    @overload
+    def __getitem__(self, index: int) -> Example: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Example, ...]: ...
+    def __getitem__(self, index: int | slice) -> Example | tuple[Example, ...]:
+        return self.examples[index]
+
+    def chat_examples(self) -> tuple[ChatExample, ...]:
+        """The examples for supervised fine-tuning; refuses a file of preference pairs."""
+        if self.format is DataFormat.PREFERENCE:
+            raise DataError(f"{self.path}: holds preference pairs, which train with DPO, not supervised fine-tuning")
+        return cast(tuple[ChatExample, ...], self.examples)
+
+    def preference_examples(self) -> tuple[PreferenceExample, ...]:
+        """The examples for DPO; refuses a file of conversations."""
+        if self.format is not DataFormat.PREFERENCE:
+            raise DataError(
+                f"{self.path}: holds {self.format.label} records; DPO needs preference pairs "
+                "('prompt'/'chosen'/'rejected')"
+            )
+        return cast(tuple[PreferenceExample, ...], self.examples)
+
+    def fingerprint(self) -> dict[str, str | int]:
+        """What the manifest records about the file: content hash, record count and format."""
+        return {"sha256": self.sha256, "count": len(self.examples), "format": self.format.value}
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+class _Bad(Exception):
+    """What is wrong with one record; becomes a line of the file's DataError."""
+
+
+def load_examples(path: Path | str) -> DataFile:
+    """Read a ``.jsonl`` or ``.json`` training file, detect its format and convert every record.
+
+    Raises ``DataError`` listing every malformed record (file, 1-based line, what is wrong), and for
+    an unreadable, empty or mixed-format file.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{source}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{source}: is a directory, not a data file") from None
+    except OSError as exc:
+        raise DataError(f"{source}: cannot read: {exc.strerror or exc}") from None
+
+    problems: list[tuple[int, str]] = []
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = _jsonl_records(raw, problems)
+    elif suffix == ".json":
+        records = _json_array_records(source, raw)
+    else:
+        raise DataError(f"{source}: unsupported file type {path.suffix or '(none)'!r}; use .jsonl or .json")
+
+    # Each record is detected and converted on its own, so that one file error lists every bad
+    # record; the file's format is that of its first good record.
+    converted: list[tuple[int, DataFormat, Example | _Bad]] = []
+    for line, obj in records:
+        try:
+            fmt, record = _detect(obj)
+        except _Bad as exc:
+            problems.append((line, str(exc)))
+            continue
+        try:
+            converted.append((line, fmt, _CONVERTERS[fmt](record, source, line)))
+        except _Bad as exc:
+            converted.append((line, fmt, exc))
+
+    if not converted and not problems:
+        raise DataError(f"{source}: no records; the file is empty")
+    good = (item for item in converted if not isinstance(item[2], _Bad))
+    anchor = next(good, converted[0] if converted else None)
+    format_line, file_format = (anchor[0], anchor[1]) if anchor else (0, None)
+    examples: list[Example] = []
+    for line, fmt, result in converted:
+        if file_format is not None and fmt is not file_format:
+            problems.append(
+                (
+                    line,
+                    f"this record is {fmt.label} but the file is {file_format.label} (from line {format_line}); "
+                    "a file holds one format",
+                )
+            )
+        elif isinstance(result, _Bad):
+            problems.append((line, str(result)))
+        else:
+            examples.append(result)
+
+    if problems:
+        problems.sort(key=lambda problem: problem[0])
+        _raise_problems(source, problems)
+    assert file_format is not None and examples  # no problems, so every record converted
+    return DataFile(
+        path=path,
+        format=file_format,
+        examples=cast(tuple[ChatExample, ...] | tuple[PreferenceExample, ...], tuple(examples)),
+        sha256=hashlib.sha256(raw).hexdigest(),
+    )
+
+
+def file_fingerprint(path: Path | str) -> dict[str, str | int]:
+    """``{"sha256", "count", "format"}`` of a training file, validating it on the way."""
+    return load_examples(path).fingerprint()
+
+
+def _raise_problems(source: str, problems: Sequence[tuple[int, str]]) -> NoReturn:
+    lines = [f"{source}:{line}: {what}" for line, what in problems]
+    if len(lines) == 1:
+        raise DataError(lines[0], problems=lines)
+    listed = "\n".join(f"  {text}" for text in lines[:MAX_LISTED_PROBLEMS])
+    more = len(lines) - MAX_LISTED_PROBLEMS
+    tail = f"\n  ... and {more} more" if more > 0 else ""
+    raise DataError(f"{source}: {len(lines)} malformed records:\n{listed}{tail}", problems=lines)
+
+
+def _jsonl_records(raw: bytes, problems: list[tuple[int, str]]) -> list[tuple[int, object]]:
+    records: list[tuple[int, object]] = []
+    for number, chunk in enumerate(raw.split(b"\n"), start=1):
+        if number == 1 and chunk.startswith(b"\xef\xbb\xbf"):
+            chunk = chunk[3:]  # a byte-order mark from an editor, not data
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append((number, f"not valid UTF-8 (byte {exc.start + 1} of the line)"))
+            continue
+        if not text.strip():
+            continue
+        try:
+            records.append((number, json.loads(text)))
+        except json.JSONDecodeError as exc:
+            problems.append((number, f"bad JSON: {exc.msg} at column {exc.colno}"))
+    return records
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_space(text: str, position: int) -> int:
+    match = _JSON_SPACE.match(text, position)
+    assert match is not None  # the pattern matches the empty string
+    return match.end()
+
+
+def _json_array_records(source: str, raw: bytes) -> list[tuple[int, object]]:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{source}:{line}: not valid UTF-8") from None
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{source}:{exc.lineno}: bad JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(data, list):
+        raise DataError(
+            f"{source}:1: a .json data file must hold a JSON array of records, not {_json_type(data)}; "
+            "use .jsonl for one record per line"
+        )
+    # The array parsed, so walk it again only to learn the line each record starts on.
+    decoder = json.JSONDecoder()
+    records: list[tuple[int, object]] = []
+    position = _skip_space(text, 0) + 1  # past '['
+    line, counted_to = 1, 0
+    for item in data:
+        position = _skip_space(text, position)
+        line += text.count("\n", counted_to, position)
+        counted_to = position
+        records.append((line, item))
+        _, position = decoder.raw_decode(text, position)
+        position = _skip_space(text, position) + 1  # past ',' or ']'
+    return records
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "null"
+
+
+def _detect(obj: object) -> tuple[DataFormat, dict[str, Any]]:
+    if not isinstance(obj, dict):
+        raise _Bad(f"a record must be a JSON object, not {_json_type(obj)}")
+    keys = obj.keys()
+    matches = [fmt for fmt, signature in _SIGNATURES.items() if signature.intersection(keys)]
+    if len(matches) == 1:
+        return matches[0], obj
+    if matches:
+        names = " and ".join(fmt.label for fmt in matches)
+        raise _Bad(f"ambiguous record: it has keys of {names}")
+    found = ", ".join(repr(key) for key in list(keys)[:8]) or "none"
+    raise _Bad(
+        f"unknown record format (keys: {found}); expected 'messages' (OpenAI chat), 'instruction'/'output' "
+        "(alpaca), 'conversations' (ShareGPT) or 'prompt'/'chosen'/'rejected' (preference pairs)"
+    )
+
+
+def _refuse_keys(obj: Mapping[str, object], refused: Mapping[str, str], where: str = "") -> None:
+    for key, reason in refused.items():
+        if key in obj:
+            raise _Bad(f"{where}{key!r}: {reason}")
+
+
+def _require(obj: Mapping[str, object], key: str) -> object:
+    if key not in obj:
+        raise _Bad(f"missing key {key!r}")
+    return obj[key]
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"{what} must be a string, not {_json_type(value)}")
+    if not value.strip():
+        raise _Bad(f"{what} is empty")
+    return value
+
+
+def _optional_text(obj: Mapping[str, object], key: str) -> str | None:
+    # Optional fields exported as "" or null mean "absent", as in the alpaca data itself.
+    value = obj.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _text(value, repr(key))
+
+
+def _weight(obj: Mapping[str, object]) -> float:
+    value = obj.get("weight", 1.0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Bad(f"'weight' must be a number, not {_json_type(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise _Bad(f"'weight' must be a finite number >= 0, not {value}")
+    return float(value)
+
+
+def _message(value: object, number: int) -> Message:
+    where = f"message {number}"
+    if not isinstance(value, dict):
+        raise _Bad(f"{where} must be an object with 'role' and 'content', not {_json_type(value)}")
+    _refuse_keys(value, _REFUSED_MESSAGE_KEYS, f"{where}: ")
+    if "role" not in value:
+        raise _Bad(f"{where} has no 'role'")
+    role = value["role"]
+    if role not in ROLES:
+        raise _Bad(f"{where} has role {role!r}; expected one of {', '.join(ROLES)}")
+    if "content" not in value:
+        raise _Bad(f"{where} ({role}) has no 'content'")
+    return Message(role=role, content=_text(value["content"], f"{where} ({role}) content"))
+
+
+def _messages(value: object, key: str) -> list[Message]:
+    if not isinstance(value, list):
+        raise _Bad(f"{key!r} must be a list of messages, not {_json_type(value)}")
+    if not value:
+        raise _Bad(f"{key!r} is an empty list")
+    return [_message(item, number) for number, item in enumerate(value, start=1)]
+
+
+def _check_turns(messages: Sequence[Message], *, last: Role, what: str = "message") -> None:
+    """An optional system message first, then user and assistant alternating, ending with ``last``."""
+    for number, message in enumerate(messages, start=1):
+        if message.role == "system" and number > 1:
+            raise _Bad(f"{what} {number} is a system message; only the first {what} may be")
+    offset = 1 if messages[0].role == "system" else 0
+    if len(messages) == offset:
+        raise _Bad("there is only a system message")
+    for number, message in enumerate(messages[offset:], start=offset + 1):
+        expected: Role = "user" if (number - offset) % 2 == 1 else "assistant"
+        if message.role != expected:
+            raise _Bad(
+                f"{what} {number} is from the {message.role} where the {expected} was expected; "
+                "turns must alternate user, assistant, user, ..."
+            )
+    if messages[-1].role != last:
+        why = "the reply to learn" if last == "assistant" else "what the replies answer"
+        raise _Bad(f"the last {what} is from the {messages[-1].role}; it must be from the {last} ({why})")
+
+
+def _openai_chat(obj: dict[str, Any], source: str, line: int) -> ChatExample:
+    _refuse_keys(obj, _REFUSED_RECORD_KEYS)
+    messages = _messages(obj["messages"], "messages")
+    _check_turns(messages, last="assistant")
+    return ChatExample(messages=tuple(messages), weight=_weight(obj), source=source, line=line)
+
+
+def _alpaca(obj: dict[str, Any], source: str, line: int) -> ChatExample:
+    _refuse_keys(obj, _REFUSED_RECORD_KEYS)
+    instruction = _text(_require(obj, "instruction"), "'instruction'")
+    output = _text(_require(obj, "output"), "'output'")
+    extra_input = _optional_text(obj, "input")
+    system = _optional_text(obj, "system")
+    # The usual alpaca rendering: the input, when there is one, follows the instruction.
+    user = f"{instruction}\n\n{extra_input}" if extra_input else instruction
+    messages = [Message("user", user), Message("assistant", output)]
+    if system:
+        messages.insert(0, Message("system", system))
+    return ChatExample(messages=tuple(messages), weight=_weight(obj), source=source, line=line)
+
+
+def _sharegpt(obj: dict[str, Any], source: str, line: int) -> ChatExample:
+    _refuse_keys(obj, _REFUSED_RECORD_KEYS)
+    turns = obj["conversations"]
+    if not isinstance(turns, list):
+        raise _Bad(f"'conversations' must be a list of turns, not {_json_type(turns)}")
+    if not turns:
+        raise _Bad("'conversations' is an empty list")
+    messages: list[Message] = []
+    for number, turn in enumerate(turns, start=1):
+        where = f"turn {number}"
+        if not isinstance(turn, dict):
+            raise _Bad(f"{where} must be an object with 'from' and 'value', not {_json_type(turn)}")
+        _refuse_keys(turn, _REFUSED_MESSAGE_KEYS, f"{where}: ")
+        if "from" not in turn:
+            raise _Bad(f"{where} has no 'from'")
+        speaker = turn["from"]
+        if speaker not in _SHAREGPT_ROLES:
+            raise _Bad(f"{where} is from {speaker!r}; expected one of human, gpt, system")
+        if "value" not in turn:
+            raise _Bad(f"{where} ({speaker}) has no 'value'")
+        role = _SHAREGPT_ROLES[speaker]
+        messages.append(Message(role, _text(turn["value"], f"{where} ({speaker}) value")))
+    system = _optional_text(obj, "system")
+    if system is not None:
+        if messages[0].role == "system":
+            raise _Bad("both a 'system' key and a system turn; give the system prompt once")
+        messages.insert(0, Message("system", system))
+    _check_turns(messages, last="assistant", what="turn")
+    return ChatExample(messages=tuple(messages), weight=_weight(obj), source=source, line=line)
+
+
+def _reply(value: object, key: str) -> str:
+    if isinstance(value, list):
+        # TRL's conversational form: a one-message list holding the assistant's reply.
+        if len(value) != 1:
+            raise _Bad(f"{key!r} must be a string or a list of one assistant message, not {len(value)} messages")
+        message = _message(value[0], 1)
+        if message.role != "assistant":
+            raise _Bad(f"{key!r} holds a {message.role} message; it must be the assistant's reply")
+        return message.content
+    return _text(value, repr(key))
+
+
+def _preference(obj: dict[str, Any], source: str, line: int) -> PreferenceExample:
+    _refuse_keys(obj, _REFUSED_RECORD_KEYS)
+    if "prompt" not in obj:
+        raise _Bad(
+            "missing key 'prompt' (preference pairs with the prompt inside 'chosen'/'rejected' are not "
+            "supported; put the shared turns in 'prompt')"
+        )
+    prompt_value = obj["prompt"]
+    if isinstance(prompt_value, list):
+        prompt = _messages(prompt_value, "prompt")
+        _check_turns(prompt, last="user")
+    else:
+        prompt = [Message("user", _text(prompt_value, "'prompt'"))]
+    chosen = _reply(_require(obj, "chosen"), "chosen")
+    rejected = _reply(_require(obj, "rejected"), "rejected")
+    if chosen.strip() == rejected.strip():
+        raise _Bad("'chosen' and 'rejected' are the same text; the pair teaches nothing")
+    return PreferenceExample(prompt=tuple(prompt), chosen=chosen, rejected=rejected, source=source, line=line)
+
+
+_CONVERTERS: dict[DataFormat, Callable[[dict[str, Any], str, int], Example]] = {
+    DataFormat.OPENAI_CHAT: _openai_chat,
+    DataFormat.ALPACA: _alpaca,
+    DataFormat.SHAREGPT: _sharegpt,
+    DataFormat.PREFERENCE: _preference,
+}
+
+
+# --- splitting and leakage ------------------------------------------------------------------------
+
+# Punctuation, symbols and underscores go; letters, digits and spaces stay.
+_NOT_WORD = re.compile(r"[^\w\s]|_")
+
+
+def normalize_text(text: str) -> str:
+    """The form duplicates are compared in: NFKC, casefolded, punctuation stripped, whitespace collapsed."""
+    text = _NOT_WORD.sub("", unicodedata.normalize("NFKC", text).casefold())
+    return " ".join(text.split())
+
+
+def _check_threshold(near_threshold: float | None) -> None:
+    if near_threshold is not None and not 0.0 < near_threshold <= 1.0:
+        raise ValueError(f"near_threshold must be in (0, 1], not {near_threshold}")
+
+
+def _similar_pairs(texts: Sequence[str], groups: Sequence[int], threshold: float) -> list[tuple[int, int, float]]:
+    """Pairs ``(i, j, jaccard)``, ``i < j`` in different groups, whose character 5-gram sets have
+    Jaccard similarity >= ``threshold``.
+
+    Exact, not sampled: PPJoin (Xiao et al. 2008). With n-grams ordered rarest first, two sets that
+    similar must share one of the first ``|x| - ceil(t|x|) + 1`` n-grams of each, so only those are
+    indexed and probed, and rare n-grams have short posting lists; where a shared n-gram sits in
+    each set bounds the overlap still possible, which drops most candidates before the set
+    intersection. A text is probed only once a text of another group is indexed, so a whole train
+    split is indexed without being compared with itself.
+    """
+    shingles = [
+        {text[k : k + SHINGLE] for k in range(max(1, len(text) - SHINGLE + 1))} if text else set() for text in texts
+    ]
+    frequency: Counter[str] = Counter()
+    for grams in shingles:
+        frequency.update(grams)
+    rank = {gram: r for r, gram in enumerate(sorted(frequency, key=lambda gram: (frequency[gram], gram)))}
+    ranked = [sorted(map(rank.__getitem__, grams)) for grams in shingles]
+    sizes = [len(ids) for ids in ranked]
+
+    # The 1e-9s keep float error (0.7 * 10 = 7.000000000000001) from pruning a pair exactly at the threshold.
+    ratio = threshold / (1.0 + threshold)
+    index: defaultdict[int, list[tuple[int, int]]] = defaultdict(list)  # n-gram -> (text, its position there)
+    indexed, indexed_per_group = 0, Counter[int]()
+    pairs: list[tuple[int, int, float]] = []
+    for j, ids in enumerate(ranked):
+        size = len(ids)
+        if not size:
+            continue
+        group = groups[j]
+        prefix = ids[: size - math.ceil(threshold * size - 1e-9) + 1]
+        if indexed > indexed_per_group[group]:
+            low, high = threshold * size - 1e-9, size / threshold + 1e-9
+            # Overlap found so far per candidate, counted in n-gram order; -1 once it cannot reach the threshold.
+            overlap: dict[int, int] = {}
+            for position, gram in enumerate(prefix):
+                for i, other_position in index.get(gram, ()):
+                    if groups[i] == group:
+                        continue
+                    found = overlap.get(i, 0)
+                    if found < 0:
+                        continue
+                    other_size = sizes[i]
+                    needed = math.ceil(ratio * (size + other_size) - 1e-9)
+                    possible = found + 1 + min(size - position - 1, other_size - other_position - 1)
+                    ok = low <= other_size <= high and possible >= needed
+                    overlap[i] = found + 1 if ok else -1
+            mine = shingles[j]
+            for i in sorted(i for i, found in overlap.items() if found > 0):
+                shared = len(mine & shingles[i])
+                similarity = shared / (size + sizes[i] - shared)
+                if similarity >= threshold - 1e-12:
+                    pairs.append((i, j, similarity))
+        for position, gram in enumerate(prefix):
+            index[gram].append((j, position))
+        indexed += 1
+        indexed_per_group[group] += 1
+    return pairs
+
+
+def split(
+    examples: Sequence[E],
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    *,
+    near_threshold: float | None = 0.9,
+) -> tuple[tuple[E, ...], tuple[E, ...]]:
+    """Hold out about ``val_fraction`` of the examples, seeded and deterministic; returns ``(train, val)``.
+
+    Duplicates (exact, and near at ``near_threshold``; ``None`` for exact only) stay on one side,
+    so the split itself never leaks. The hold-out is therefore at most, and usually exactly,
+    ``round(len(examples) * val_fraction)`` examples. Both sides keep the input order.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1, not {val_fraction}")
+    _check_threshold(near_threshold)
+    wanted = max(1, round(len(examples) * val_fraction))
+    if len(examples) < 2 or wanted >= len(examples):
+        raise DataError(f"{len(examples)} examples are too few to hold out {val_fraction:.0%} for validation")
+
+    # Union-find over duplicates: each component is a group that must not be split.
+    parent = list(range(len(examples)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    texts = [normalize_text(example.prompt_text) for example in examples]
+    first_seen: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        parent[root(i)] = root(first_seen.setdefault(text, i))
+    if near_threshold is not None:
+        for i, j, _ in _similar_pairs(texts, range(len(texts)), near_threshold):
+            parent[root(j)] = root(i)
+
+    members: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(examples)):
+        members[root(i)].append(i)
+    groups = list(members.values())  # in order of first member, so the shuffle alone decides
+    random.Random(seed).shuffle(groups)
+    held_out: set[int] = set()
+    for group in groups:
+        if len(held_out) + len(group) <= wanted:
+            held_out.update(group)
+        if len(held_out) == wanted:
+            break
+    if not held_out:
+        raise DataError(
+            f"cannot hold out {wanted} examples: every group of duplicate examples is larger than that; "
+            "deduplicate the data or pass a validation file"
+        )
+    train = tuple(example for i, example in enumerate(examples) if i not in held_out)
+    val = tuple(example for i, example in enumerate(examples) if i in held_out)
+    return train, val
+
+
+SplitName = Literal["train", "val", "test"]
+
+
+@dataclass(frozen=True, slots=True)
+class Overlap:
+    """An evaluation example (val or test) that duplicates an example of an earlier split."""
+
+    split: SplitName
+    index: int
+    example: Example
+    other_split: SplitName
+    other_index: int
+    other: Example
+    similarity: float
+    exact: bool
+
+    def describe(self, width: int = 60) -> str:
+        """One line for a report: where both are, how alike, and the start of the text."""
+        text = " ".join(self.example.prompt_text.split())
+        text = text if len(text) <= width else text[: width - 3] + "..."
+        kind = "same text" if self.exact else f"{self.similarity:.2f} similar"
+        return f"{self.split} {self.example.where} ~ {self.other_split} {self.other.where} ({kind}): {text!r}"
+
+
+@dataclass(frozen=True)
+class OverlapReport:
+    """Val and test examples that duplicate train (or, for test, val), exactly or nearly."""
+
+    overlaps: tuple[Overlap, ...]
+    sizes: Mapping[SplitName, int]
+    near_threshold: float | None
+    _by_split: Mapping[str, tuple[Overlap, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_split: dict[str, list[Overlap]] = defaultdict(list)
+        for overlap in self.overlaps:
+            by_split[overlap.split].append(overlap)
+        object.__setattr__(self, "_by_split", {name: tuple(found) for name, found in by_split.items()})
+
+    @property
+    def exact(self) -> tuple[Overlap, ...]:
+        """Overlaps whose normalized prompt text is identical."""
+        return tuple(overlap for overlap in self.overlaps if overlap.exact)
+
+    @property
+    def near(self) -> tuple[Overlap, ...]:
+        """Overlaps similar at or above the threshold but not identical."""
+        return tuple(overlap for overlap in self.overlaps if not overlap.exact)
+
+    def leaked(self, split: SplitName) -> tuple[Overlap, ...]:
+        """The overlaps of one evaluation split, one per leaked example."""
+        return self._by_split.get(split, ())
+
+    def fraction(self, split: SplitName) -> float:
+        """Share of a split's examples that duplicate an earlier split."""
+        size = self.sizes.get(split, 0)
+        return len(self.leaked(split)) / size if size else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Counts per evaluation split, for the training manifest."""
+        report: dict[str, Any] = {"near_threshold": self.near_threshold}
+        for split in ("val", "test"):
+            if split in self.sizes:
+                leaked = self.leaked(split)
+                report[split] = {
+                    "size": self.sizes[split],
+                    "exact": sum(overlap.exact for overlap in leaked),
+                    "near": sum(not overlap.exact for overlap in leaked),
+                    "fraction": round(self.fraction(split), 6),
+                }
+        return report
+
+    def raise_if_above(self, max_fraction: float, *, examples: int = 5) -> None:
+        """Raise ``DataError`` when more than ``max_fraction`` of val or of test duplicates an earlier split."""
+        lines: list[str] = []
+        shown: list[Overlap] = []
+        for split in ("val", "test"):
+            leaked = self.leaked(split)
+            if not leaked or self.fraction(split) <= max_fraction:
+                continue
+            exact = sum(overlap.exact for overlap in leaked)
+            against = "train" if split == "val" else "train or val"
+            near = f", {len(leaked) - exact} near at similarity >= {self.near_threshold}" if self.near_threshold else ""
+            lines.append(
+                f"{len(leaked)} of {self.sizes[split]} {split} examples ({self.fraction(split):.1%}) duplicate "
+                f"{against} ({exact} exact{near}), above the {max_fraction:.1%} allowed"
+            )
+            shown.extend(leaked[: max(0, examples - len(shown))])
+        if lines:
+            listed = "\n".join(f"  {overlap.describe()}" for overlap in shown)
+            raise DataError(
+                "leakage between splits: " + "; ".join(lines) + f"\nfor example:\n{listed}",
+                problems=[overlap.describe() for split in ("val", "test") for overlap in self.leaked(split)],
+            )
+
+
+def find_overlaps(
+    train: Sequence[Example],
+    val: Sequence[Example],
+    test: Sequence[Example] | None = None,
+    *,
+    near_threshold: float | None = 0.9,
+) -> OverlapReport:
+    """Find val examples that duplicate train, and test examples that duplicate train or val.
+
+    Prompt texts (user turns) are compared after ``normalize_text``: identical is an exact duplicate;
+    character 5-gram Jaccard similarity >= ``near_threshold`` is a near duplicate (``None``: exact only).
+    Each leaked example is reported once, with its closest earlier match.
+    """
+    _check_threshold(near_threshold)
+    splits: list[tuple[SplitName, Sequence[Example]]] = [("train", train), ("val", val)]
+    if test is not None:
+        splits.append(("test", test))
+    # One flat list, split after split, so an earlier split is always indexed before a later one probes it.
+    flat: list[tuple[SplitName, int, Example]] = [
+        (name, index, example) for name, members in splits for index, example in enumerate(members)
+    ]
+    texts = [normalize_text(example.prompt_text) for _, _, example in flat]
+    order = {name: number for number, (name, _) in enumerate(splits)}
+
+    best: dict[int, Overlap] = {}
+
+    def offer(earlier: int, later: int, similarity: float, exact: bool) -> None:
+        current = best.get(later)
+        if current is not None and (current.exact, current.similarity) >= (exact, similarity):
+            return
+        name, index, example = flat[later]
+        other_name, other_index, other = flat[earlier]
+        best[later] = Overlap(name, index, example, other_name, other_index, other, similarity, exact)
+
+    # Exact duplicates: the first position of each text in each split seen so far; splits come
+    # in order, so any split already holding the text is an earlier one.
+    first_seen: dict[str, dict[SplitName, int]] = defaultdict(dict)
+    for position, text in enumerate(texts):
+        name = flat[position][0]
+        seen = first_seen[text]
+        earlier = next((i for other, i in seen.items() if other != name), None)
+        if earlier is not None:
+            offer(earlier, position, 1.0, True)
+        seen.setdefault(name, position)
+    if near_threshold is not None:
+        groups = [order[name] for name, _, _ in flat]
+        for i, j, similarity in _similar_pairs(texts, groups, near_threshold):
+            offer(i, j, similarity, False)
+
+    return OverlapReport(
+        overlaps=tuple(best[position] for position in sorted(best)),
+        sizes={name: len(members) for name, members in splits},
+        near_threshold=near_threshold,
+    )

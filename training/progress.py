@@ -1,0 +1,112 @@
+"""What a person watching a training run sees: a live bar (loss, tokens/s, ETA) and a final loss table."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from training.manifest import LossPoint
+
+# The table keeps at most this many rows; a long run shows evenly spaced points and always the last.
+TABLE_ROWS = 20
+
+
+class RichProgress(TrainerCallback):
+    """A rich progress bar over optimiser steps with the latest loss, tokens per second and ETA."""
+
+    def __init__(self, console: Console, description: str) -> None:
+        self.console = console
+        self.description = description
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._started = 0.0
+        self._tokens_at_start = 0
+        self._loss = "-"
+        self._val_loss = "-"
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("val {task.fields[val_loss]}"),
+            TextColumn("{task.fields[tokens_per_s]} tok/s"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        # A resumed run starts part-way; speed counts only what this process does.
+        self._started = time.monotonic()
+        self._tokens_at_start = state.num_input_tokens_seen
+        self._task = self._progress.add_task(
+            self.description,
+            total=state.max_steps,
+            completed=state.global_step,
+            loss=self._loss,
+            val_loss=self._val_loss,
+            tokens_per_s="-",
+        )
+        self._progress.start()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self._progress is None or self._task is None:
+            return
+        elapsed = time.monotonic() - self._started
+        tokens = state.num_input_tokens_seen - self._tokens_at_start
+        speed = f"{tokens / elapsed:,.0f}" if elapsed > 0 and tokens > 0 else "-"
+        self._progress.update(self._task, completed=state.global_step, tokens_per_s=speed)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self._progress is None or self._task is None or not logs:
+            return
+        if "loss" in logs:
+            self._loss = f"{float(logs['loss']):.4f}"
+        if "eval_loss" in logs:
+            self._val_loss = f"{float(logs['eval_loss']):.4f}"
+        self._progress.update(self._task, loss=self._loss, val_loss=self._val_loss)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def loss_table(title: str, train: Sequence[LossPoint], val: Sequence[LossPoint], best_step: int | None = None) -> Table:
+    """Train and validation loss side by side, per evaluation (or per logging step without validation)."""
+    table = Table(title=title)
+    table.add_column("step", justify="right")
+    table.add_column("train loss", justify="right")
+    table.add_column("val loss", justify="right")
+    steps = [p.step for p in val] if val else [p.step for p in train]
+    if len(steps) > TABLE_ROWS:
+        stride = len(steps) / (TABLE_ROWS - 1)
+        steps = sorted({steps[int(i * stride)] for i in range(TABLE_ROWS - 1)} | {steps[-1]})
+    val_at = {p.step: p.loss for p in val}
+    for step in steps:
+        # The train loss shown at an evaluation is the last one logged at or before it.
+        seen = [p.loss for p in train if p.step <= step]
+        marker = " (best)" if step == best_step and val else ""
+        table.add_row(
+            f"{step}{marker}",
+            f"{seen[-1]:.4f}" if seen else "-",
+            f"{val_at[step]:.4f}" if step in val_at else "-",
+        )
+    return table
