@@ -158,6 +158,90 @@ def adapters_rm(name: str, version: Annotated[int, typer.Option(help="Version nu
 
 
 @app.command()
+def train(
+    data: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Training data file.")],
+    name: Annotated[str, typer.Option(help="Adapter name (and the run's directory name).")],
+    val: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="Validation file.")] = None,
+    test: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="Test file (leak check).")] = None,
+    base: Annotated[Path | None, typer.Option(help="Base model directory (default: the embedded model).")] = None,
+    method: Annotated[str, typer.Option(help="sft or dpo.")] = "sft",
+    peft: Annotated[str, typer.Option(help="lora or qlora (4-bit NF4 base).")] = "lora",
+    rank: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    target_modules: Annotated[str, typer.Option(help="all-linear or a comma-separated list.")] = "all-linear",
+    epochs: float = 3.0,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default 2e-4 SFT, 5e-6 DPO).")] = None,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    seed: int = 0,
+    packing: bool = False,
+    early_stopping_patience: Annotated[int | None, typer.Option(help="Evaluations without improvement.")] = None,
+    gradient_checkpointing: bool = False,
+    output: Annotated[Path, typer.Option(help="Runs directory; the run goes to OUTPUT/NAME.")] = Path("runs"),
+    resume: Annotated[bool, typer.Option(help="Continue from the run's latest checkpoint.")] = False,
+    push: Annotated[bool, typer.Option(help="Register the adapter as a new version of NAME.")] = False,
+) -> None:
+    """Train a LoRA/QLoRA adapter with TRL + PEFT (SFT or DPO) and optionally push it."""
+    from training.config import TrainConfig
+    from training.train import train as run_training
+
+    base_dir = base or _served_base()
+    modules: str | tuple[str, ...] = (
+        target_modules if target_modules == "all-linear" else tuple(m.strip() for m in target_modules.split(","))
+    )
+    try:
+        config = TrainConfig(
+            base_model=base_dir,
+            output_dir=output / name,
+            method=method,
+            peft=peft,  # type: ignore[arg-type]
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            target_modules=modules,
+            epochs=epochs,
+            max_steps=max_steps,
+            lr=lr,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            seed=seed,
+            packing=packing,
+            early_stopping_patience=early_stopping_patience,
+            gradient_checkpointing=gradient_checkpointing,
+            max_lora_rank=_served_rank(),
+        )
+        result = run_training(config, data, val=val, test=test, resume=resume, console=err)
+    except QuiverError as exc:
+        _fail(exc)
+    console.print(f"adapter written to [bold]{result.adapter_dir}[/] ({result.global_step} steps)")
+    if push:
+        adapters_push(result.adapter_dir, name)
+
+
+def _served_base() -> Path:
+    """The base model ``quiver up`` serves (or the embedded one), so the adapter fits it."""
+    from gateway.settings import Settings
+    from quiver import embedded
+    from quiver.up import read_served
+
+    settings = Settings()
+    served = read_served(settings.data_dir).get("base_model_path")
+    return settings.base_model_path or (Path(served) if served else embedded.prepare(console=err))
+
+
+def _served_rank() -> int:
+    from gateway.settings import Settings
+    from quiver.up import read_served
+
+    settings = Settings()
+    if "max_lora_rank" in settings.model_fields_set:
+        return settings.max_lora_rank
+    return int(read_served(settings.data_dir).get("max_lora_rank") or settings.max_lora_rank)
+
+
+@app.command()
 def bench(
     vllm_url: Annotated[str | None, typer.Option(help="Benchmark against this vLLM instead of starting one.")] = None,
     rounds: Annotated[int, typer.Option(help="Alternating rounds per comparison.")] = 6,
