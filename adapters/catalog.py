@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from quiver.errors import ModelNotFound
 
@@ -27,6 +28,8 @@ class AdapterVersion:
     target_modules: tuple[str, ...]
     size_bytes: int
     created_at: datetime
+    # What training recorded (quiver_manifest.json), when the adapter came with one.
+    manifest: Mapping[str, Any] | None = field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def lora_name(self) -> str:

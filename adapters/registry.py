@@ -352,6 +352,7 @@ class Registry:
             target_modules=tuple(row["target_modules"]),
             size_bytes=row["size_bytes"],
             created_at=_utc(row["created_at"]),
+            manifest=row["manifest"],
         )
 
 

@@ -43,8 +43,8 @@ _UPLOAD_SCHEMA = {
 }
 
 
-def version_public(version: AdapterVersion, aliases: dict[str, int]) -> VersionPublic:
-    """Wire form of one version."""
+def version_public(version: AdapterVersion, aliases: dict[str, int], *, manifest: bool = False) -> VersionPublic:
+    """Wire form of one version; the training manifest only when asked (it can be large)."""
     return VersionPublic(
         version=version.number,
         model=version.lora_name,
@@ -54,10 +54,11 @@ def version_public(version: AdapterVersion, aliases: dict[str, int]) -> VersionP
         size_bytes=version.size_bytes,
         created_at=version.created_at,
         aliases=sorted(a for a, n in aliases.items() if n == version.number),
+        manifest=dict(version.manifest) if manifest and version.manifest is not None else None,
     )
 
 
-def adapter_public(adapter: Adapter) -> AdapterPublic:
+def adapter_public(adapter: Adapter, *, manifest: bool = False) -> AdapterPublic:
     """Wire form of one adapter."""
     aliases = dict(adapter.aliases)
     return AdapterPublic(
@@ -65,7 +66,7 @@ def adapter_public(adapter: Adapter) -> AdapterPublic:
         created_at=adapter.created_at,
         latest=adapter.latest.number,
         aliases=aliases,
-        versions=[version_public(v, aliases) for v in adapter.versions],
+        versions=[version_public(v, aliases, manifest=manifest) for v in adapter.versions],
     )
 
 
@@ -129,7 +130,7 @@ async def list_adapters(gateway: GatewayDep) -> AdapterList:
 @router.get("/{name}", response_model=AdapterPublic)
 async def get_adapter(name: str, gateway: GatewayDep) -> AdapterPublic:
     """One adapter, or 404."""
-    return adapter_public(await gateway.registry.call(gateway.registry.registry.adapter, name))
+    return adapter_public(await gateway.registry.call(gateway.registry.registry.adapter, name), manifest=True)
 
 
 @router.put("/{name}/aliases/{alias}", response_model=AdapterPublic)

@@ -92,6 +92,7 @@ class VersionPublic(BaseModel):
     size_bytes: int
     created_at: datetime
     aliases: list[str]
+    manifest: dict[str, Any] | None = Field(None, description="quiver_manifest.json, on GET /v1/adapters/{name}")
 
 
 class AdapterPublic(BaseModel):

@@ -74,6 +74,7 @@ def test_train_on_demo_data_and_push(tiny_base: Path, tmp_path: Path) -> None:
         version = registry.resolve("support")
     manifest = read_manifest(version.path)
     assert manifest.hyperparameters["rank"] == 8
+    assert version.manifest is not None and version.manifest["hyperparameters"]["rank"] == 8
     files = json.dumps(manifest.data)
     for split in ("train", "val", "test"):
         assert split in files
