@@ -50,7 +50,13 @@ def _examples(data: DataFile, method: str) -> tuple[ChatExample, ...] | tuple[Pr
 
 
 def _report(report: OverlapReport, console: Console) -> None:
-    table = Table("split", "examples", "exact duplicates", "near duplicates", title="Leakage check (against train, and val for test)")
+    table = Table(
+        "split",
+        "examples",
+        "exact duplicates",
+        "near duplicates",
+        title="Leakage check (against train, and val for test)",
+    )
     splits: tuple[SplitName, ...] = ("val", "test")
     for name in splits:
         size = report.sizes.get(name, 0)
