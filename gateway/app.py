@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 
 import anyio.to_thread
 import httpx
@@ -45,8 +46,6 @@ async def _base_spec(settings: Settings, replica: VllmReplica) -> BaseModelSpec 
     if path is None:
         with suppress(QuiverError):
             await replica.models()
-        from pathlib import Path
-
         root = Path(replica.model_root) if replica.model_root else None
         path = root if root is not None and (root / "config.json").is_file() else None
     if path is None:

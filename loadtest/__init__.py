@@ -1,1 +1,1 @@
-"""Load tests and benchmarks; they speak HTTP only and import no other Quiver package at run time."""
+"""Load tests and benchmarks: they measure over HTTP; only starting the servers uses `quiver`."""

@@ -26,6 +26,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from quiver.vllm_server import free_port
+
 MESSAGES = [{"role": "user", "content": "Say OK."}]
 TARGET_ADDED_P50_MS = 1.0
 TARGET_THROUGHPUT_RATIO = 0.97
@@ -149,16 +151,8 @@ def _process(args: list[str], url: str, log: Path, env: dict[str, str] | None = 
             process.kill()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _gateway(stack: ExitStack, upstream: str, work: Path, name: str) -> str:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, QUIVER_DATA_DIR=str(work / f"data-{name}"))
     return stack.enter_context(
         _process(
@@ -182,7 +176,7 @@ def run(vllm_url: str | None, rounds: int, requests: int, out_dir: Path, console
             server = VllmServer(
                 model=str(embedded.prepare(console=console)),
                 served_name=embedded.SERVED_NAME,
-                port=_free_port(),
+                port=free_port(),
                 log_path=work / "vllm.log",
             )
             server.start()
@@ -191,7 +185,7 @@ def run(vllm_url: str | None, rounds: int, requests: int, out_dir: Path, console
                 server.wait_ready()
             vllm_url = server.url
         model = httpx.get(f"{vllm_url}/v1/models", timeout=10).json()["data"][0]["id"]
-        instant_port = _free_port()
+        instant_port = free_port()
         instant = stack.enter_context(
             _process(
                 [sys.executable, "-m", "loadtest.instant_upstream", "--port", str(instant_port)],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,6 +13,7 @@ from quiver.errors import QuiverError
 
 if TYPE_CHECKING:
     from adapters import Registry
+    from gateway.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, help="Serve many LoRA adapters over one base model.")
 adapters_app = typer.Typer(no_args_is_help=True, help="The adapter registry.")
@@ -65,23 +66,33 @@ def model_prepare() -> None:
     print(embedded.prepare(console=err))
 
 
-def _registry() -> Registry:
-    """The registry from ``QUIVER_*`` settings, validating pushes against what ``quiver up`` serves."""
-    from adapters import BaseModelSpec
-    from gateway.app import open_registry
+def _served_settings() -> Settings:
+    """``QUIVER_*`` settings, with what the last ``quiver up`` served filling in the base model and rank left unset."""
     from gateway.settings import Settings
-    from quiver import embedded
     from quiver.up import read_served
 
     settings = Settings()
     served = read_served(settings.data_dir)
-    explicit = settings.model_fields_set
-    base_dir = settings.base_model_path or (Path(served["base_model_path"]) if served.get("base_model_path") else None)
-    base_name = settings.base_model or served.get("base_model")
+    update: dict[str, Any] = {}
+    if settings.base_model_path is None and served.get("base_model_path"):
+        update["base_model_path"] = Path(served["base_model_path"])
+    if settings.base_model is None and served.get("base_model"):
+        update["base_model"] = served["base_model"]
+    if "max_lora_rank" not in settings.model_fields_set and served.get("max_lora_rank"):
+        update["max_lora_rank"] = int(served["max_lora_rank"])
+    return settings.model_copy(update=update)
+
+
+def _registry() -> Registry:
+    """The registry from ``QUIVER_*`` settings, validating pushes against what ``quiver up`` serves."""
+    from adapters import BaseModelSpec
+    from gateway.app import open_registry
+    from quiver import embedded
+
+    settings = _served_settings()
+    base_dir, base_name = settings.base_model_path, settings.base_model
     if base_dir is None and (embedded.model_dir() / "config.json").is_file():
         base_dir, base_name = embedded.model_dir(), base_name or embedded.SERVED_NAME
-    if "max_lora_rank" not in explicit and served.get("max_lora_rank"):
-        settings = settings.model_copy(update={"max_lora_rank": int(served["max_lora_rank"])})
     base = BaseModelSpec.from_model_dir(base_dir, base_name) if base_dir else None
     return open_registry(settings, base)
 
@@ -184,10 +195,13 @@ def train(
     push: Annotated[bool, typer.Option(help="Register the adapter as a new version of NAME.")] = False,
 ) -> None:
     """Train a LoRA/QLoRA adapter with TRL + PEFT (SFT or DPO) and optionally push it."""
+    from quiver import embedded
     from training.config import TrainConfig
     from training.train import train as run_training
 
-    base_dir = base or _served_base()
+    served = _served_settings()
+    # Train against the base `quiver up` serves (or the embedded one), so the adapter fits it.
+    base_dir = base or served.base_model_path or embedded.prepare(console=err)
     modules: str | tuple[str, ...] = (
         target_modules if target_modules == "all-linear" else tuple(m.strip() for m in target_modules.split(","))
     )
@@ -210,7 +224,7 @@ def train(
             packing=packing,
             early_stopping_patience=early_stopping_patience,
             gradient_checkpointing=gradient_checkpointing,
-            max_lora_rank=_served_rank(),
+            max_lora_rank=served.max_lora_rank,
         )
         result = run_training(config, data, val=val, test=test, resume=resume, console=err)
     except QuiverError as exc:
@@ -218,27 +232,6 @@ def train(
     console.print(f"adapter written to [bold]{result.adapter_dir}[/] ({result.global_step} steps)")
     if push:
         adapters_push(result.adapter_dir, name)
-
-
-def _served_base() -> Path:
-    """The base model ``quiver up`` serves (or the embedded one), so the adapter fits it."""
-    from gateway.settings import Settings
-    from quiver import embedded
-    from quiver.up import read_served
-
-    settings = Settings()
-    served = read_served(settings.data_dir).get("base_model_path")
-    return settings.base_model_path or (Path(served) if served else embedded.prepare(console=err))
-
-
-def _served_rank() -> int:
-    from gateway.settings import Settings
-    from quiver.up import read_served
-
-    settings = Settings()
-    if "max_lora_rank" in settings.model_fields_set:
-        return settings.max_lora_rank
-    return int(read_served(settings.data_dir).get("max_lora_rank") or settings.max_lora_rank)
 
 
 @app.command()

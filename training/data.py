@@ -121,18 +121,11 @@ def _prompt_text(messages: Sequence[Message]) -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ChatExample:
-    """A conversation to learn from: optional system, then user/assistant turns ending with the assistant."""
+class _Record:
+    """Where a training record came from, for every error and report that names it."""
 
-    messages: tuple[Message, ...]
-    weight: float = 1.0
     source: str
     line: int
-
-    @property
-    def prompt_text(self) -> str:
-        """The user turns, which the leakage check compares."""
-        return _prompt_text(self.messages)
 
     @property
     def where(self) -> str:
@@ -141,24 +134,30 @@ class ChatExample:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PreferenceExample:
+class ChatExample(_Record):
+    """A conversation to learn from: optional system, then user/assistant turns ending with the assistant."""
+
+    messages: tuple[Message, ...]
+    weight: float = 1.0
+
+    @property
+    def prompt_text(self) -> str:
+        """The user turns, which the leakage check compares."""
+        return _prompt_text(self.messages)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PreferenceExample(_Record):
     """A prompt (ending with a user turn) with a preferred and a dispreferred assistant reply."""
 
     prompt: tuple[Message, ...]
     chosen: str
     rejected: str
-    source: str
-    line: int
 
     @property
     def prompt_text(self) -> str:
         """The user turns of the prompt, which the leakage check compares."""
         return _prompt_text(self.prompt)
-
-    @property
-    def where(self) -> str:
-        """``file:line`` of the record."""
-        return f"{self.source}:{self.line}"
 
 
 Example = ChatExample | PreferenceExample

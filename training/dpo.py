@@ -15,16 +15,14 @@ from rich.console import Console
 
 from quiver.errors import InvalidRequest
 from training.config import TrainConfig
-from training.manifest import data_summary
 from training.sft import (
     TrainResult,
     chat_messages,
     check_data,
+    fit,
     load_base,
     make_trainer,
-    prepare_output,
     render_chat,
-    run_training,
 )
 
 if TYPE_CHECKING:
@@ -42,17 +40,8 @@ def train_dpo(
     console: Console | None = None,
 ) -> TrainResult:
     """Train a LoRA/QLoRA adapter on preference pairs and write it with its manifest (see ``train_sft``)."""
-    if config.method != "dpo":
-        raise InvalidRequest(f"train_dpo needs method 'dpo', got {config.method!r}", param="method")
-    console = console or Console(stderr=True)
-    checkpoint = prepare_output(config, resume)
-    trainer = dpo_trainer(config, train_pairs, val_pairs, console=console)
-    return run_training(
-        trainer,
-        config,
-        data=data_summary(train_pairs, val_pairs, data_files),
-        checkpoint=checkpoint,
-        console=console,
+    return fit(
+        config, "dpo", dpo_trainer, train_pairs, val_pairs, data_files=data_files, resume=resume, console=console
     )
 
 

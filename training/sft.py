@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,11 +82,26 @@ def train_sft(
     ``data_files`` is the loader's per-file record (hashes, counts), stored in the manifest as given.
     ``resume=True`` continues from the latest checkpoint under ``config.checkpoint_dir``; a path, from that one.
     """
-    if config.method != "sft":
-        raise InvalidRequest(f"train_sft needs method 'sft', got {config.method!r}", param="method")
+    return fit(config, "sft", sft_trainer, train, val, data_files=data_files, resume=resume, console=console)
+
+
+def fit(
+    config: TrainConfig,
+    method: str,
+    build: Callable[..., Trainer],
+    train: Sequence[Mapping[str, Any]],
+    val: Sequence[Mapping[str, Any]],
+    *,
+    data_files: Mapping[str, Any] | None,
+    resume: bool | Path,
+    console: Console | None,
+) -> TrainResult:
+    """What SFT and DPO runs share: check the method, prepare the output, build the trainer, run it."""
+    if config.method != method:
+        raise InvalidRequest(f"train_{method} needs method '{method}', got {config.method!r}", param="method")
     console = console or Console(stderr=True)
     checkpoint = prepare_output(config, resume)
-    trainer = sft_trainer(config, train, val, console=console)
+    trainer = build(config, train, val, console=console)
     return run_training(
         trainer,
         config,

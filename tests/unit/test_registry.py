@@ -19,16 +19,6 @@ from tests.postgres import postgres_cluster  # noqa: F401 - a fixture, used by n
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return f.tiny_llama_model()
-
-
-@pytest.fixture(scope="module")
-def base() -> BaseModelSpec:
-    return BaseModelSpec.from_config(f.tiny_llama_config(), "tiny-llama")
-
-
-@pytest.fixture(scope="module")
 def adapters_dir(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three good adapters with different weights: seed0, seed1, seed2."""
     root = tmp_path_factory.mktemp("adapters")

@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from adapters import BaseModelSpec, Registry
 from quiver.cli import app
-from tests.factories import make_tiny_base
 from training.demo import write_demo
 from training.manifest import read_manifest
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_base(base_model_dir, tmp_path_factory.mktemp("tiny-base"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(args: list[str], data_dir: Path, base: Path) -> tuple[int, str]:

@@ -4,16 +4,14 @@ trains the EOS that ends each answer, and refuses malformed pairs by name."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from adapters import BaseModelSpec, validate_adapter_dir
 from quiver.errors import InvalidRequest
-from tests.factories import ADAPTER_FILES, make_tiny_base, output_of, quiet
+from tests.factories import ADAPTER_FILES, output_of, quiet
 from tests.factories import train_config as config
 from training.config import TrainConfig
 from training.dpo import dpo_trainer, train_dpo
@@ -31,18 +29,7 @@ def pair(prompt: str, chosen: str, rejected: str) -> dict[str, Any]:
 PAIRS = [pair(f"Repeat {w}", f"{w} {w}", "no") for w in ("apple", "pear", "plum", "fig")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """As in test_training_sft: one thread is as fast for a tiny model and far faster on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_base(base_model_dir, tmp_path_factory.mktemp("tiny-base"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def dpo_config(base: Path, out: Path, **changes: Any) -> TrainConfig:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from adapters import BaseModelSpec, validate_adapter_dir
 from quiver.errors import InvalidRequest
 from tests.factories import (
     ADAPTER_FILES,
-    make_tiny_base,
     output_of,
     quiet,
 )
@@ -78,18 +76,7 @@ def trained_spans(labels: list[int]) -> list[list[int]]:
     return spans
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second thread, and lose several-fold when another process shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_base(base_model_dir, tmp_path_factory.mktemp("tiny-base"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

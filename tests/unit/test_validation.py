@@ -19,16 +19,6 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return f.tiny_llama_model()
-
-
-@pytest.fixture(scope="module")
-def base() -> BaseModelSpec:
-    return BaseModelSpec.from_config(f.tiny_llama_config(), "tiny-llama")
-
-
-@pytest.fixture(scope="module")
 def good(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return f.make_lora_adapter(model, tmp_path_factory.mktemp("good") / "adapter")
 

@@ -1,0 +1,39 @@
+"""Fixtures shared by the unit tests: tiny models that run in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters import BaseModelSpec
+from tests import factories
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    """The tiny Llama, for building adapters."""
+    return factories.tiny_llama_model()
+
+
+@pytest.fixture(scope="module")
+def base() -> BaseModelSpec:
+    """The tiny Llama's layer shapes, as the registry checks adapters against them."""
+    return BaseModelSpec.from_config(factories.tiny_llama_config(), "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second thread, and lose several-fold when another process shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny base model directory with the embedded model's tokenizer and chat template, for training tests."""
+    return factories.make_tiny_base(base_model_dir, tmp_path_factory.mktemp("tiny-base"))
