@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 
-.PHONY: up test bench lint setup setup-dev model clean
+.PHONY: up test bench lint setup setup-dev model demo-adapter clean
 
 up: setup  ## Set up on first run, then serve the gateway on :8000 with vLLM behind it
 	$(VENV)/bin/quiver up
@@ -13,6 +13,9 @@ test: setup-dev  ## Set up what the tests need, then run the whole suite
 
 bench: setup-dev  ## Gateway vs vLLM direct, side by side; writes bench/results/
 	$(VENV)/bin/quiver bench
+
+demo-adapter: setup-dev  ## Train the demo adapter (support triage), evaluate it against the baselines, push it
+	$(VENV)/bin/quiver demo
 
 lint: setup-dev
 	$(VENV)/bin/ruff check quiver gateway adapters training loadtest tests

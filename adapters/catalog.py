@@ -30,6 +30,8 @@ class AdapterVersion:
     created_at: datetime
     # What training recorded (quiver_manifest.json), when the adapter came with one.
     manifest: Mapping[str, Any] | None = field(default=None, compare=False, hash=False, repr=False)
+    # The newest eval report (``quiver eval``), which the promotion gate reads.
+    evaluation: Mapping[str, Any] | None = field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def lora_name(self) -> str:

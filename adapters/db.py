@@ -68,6 +68,23 @@ aliases = Table(
     ),
 )
 
+# Eval reports (``quiver eval``), kept for each version; the newest one is what promotion reads.
+evaluations = Table(
+    "evaluations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("adapter_name", String(64), nullable=False),
+    Column("version_number", Integer, nullable=False),
+    Column("report", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    ForeignKeyConstraint(
+        ["adapter_name", "version_number"],
+        ["versions.adapter_name", "versions.number"],
+        name="fk_evaluations_version",
+        ondelete="CASCADE",
+    ),
+)
+
 # One row; every write transaction bumps it first, which also serializes writers.
 revision = Table(
     "revision",

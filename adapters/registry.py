@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, RowMapping, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from adapters import db
 from adapters.archive import UploadLimits, extract_archive
 from adapters.catalog import VERSION_REF, Adapter, AdapterVersion, Catalog
+from adapters.promotion import DEFAULT_MARGIN, PROMOTED_ALIASES, promotion_refusal
 from adapters.spec import BaseModelSpec
 from adapters.store import LocalStore, digest
 from adapters.validation import AdapterInfo, adapter_files, validate_adapter_dir
@@ -29,7 +30,9 @@ from quiver.errors import Conflict, InvalidRequest, NotFound
 
 T = TypeVar("T")
 
-NAME_RULE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+# ':' makes room for fine-tuned models named as OpenAI names them, ``ft:<base>:<suffix>:<job id>``;
+# '@' stays out, since it separates a name from a version or alias.
+NAME_RULE = re.compile(r"[a-z0-9][a-z0-9._:-]{0,63}")
 ALIAS_RULE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 # Writers are serialized by the revision row, so a collision means a writer outside that protocol;
 # a few retries are plenty.
@@ -56,6 +59,7 @@ class Registry:
         max_lora_rank: int,
         limits: UploadLimits,
         reserved_names: frozenset[str],
+        promotion_margin: float = DEFAULT_MARGIN,
     ) -> None:
         self._engine = engine
         self._writer = engine.execution_options(**{db.WRITE: True})
@@ -64,6 +68,7 @@ class Registry:
         self._max_lora_rank = max_lora_rank
         self._limits = limits
         self._reserved_names = reserved_names
+        self.promotion_margin = promotion_margin
 
     @classmethod
     def open(
@@ -75,6 +80,7 @@ class Registry:
         max_lora_rank: int = 16,
         limits: UploadLimits = UploadLimits(),  # noqa: B008 - frozen, so one shared default is safe
         reserved_names: frozenset[str] = frozenset(),
+        promotion_margin: float = DEFAULT_MARGIN,
     ) -> Registry:
         """Open (creating if needed) the database at ``database_url`` and the store at ``store_root``."""
         store = LocalStore(store_root)
@@ -86,6 +92,7 @@ class Registry:
             max_lora_rank=max_lora_rank,
             limits=limits,
             reserved_names=reserved_names,
+            promotion_margin=promotion_margin,
         )
 
     def close(self) -> None:
@@ -200,8 +207,12 @@ class Registry:
 
     # -- aliases and deletion -------------------------------------------------------------------
 
-    def set_alias(self, name: str, alias: str, number: int) -> Adapter:
-        """Point ``name@alias`` at version ``number`` (creating or moving the alias, e.g. a rollback)."""
+    def set_alias(self, name: str, alias: str, number: int, *, force: bool = False) -> Adapter:
+        """Point ``name@alias`` at version ``number`` (creating or moving the alias, e.g. a rollback).
+
+        ``prod`` takes only a version whose eval report clears the promotion margin (Conflict, code
+        ``promotion_refused``, saying why), unless ``force``.
+        """
         if not ALIAS_RULE.fullmatch(alias) or VERSION_REF.fullmatch(alias):
             raise InvalidRequest(
                 f"invalid alias {alias!r}: use 1-32 characters a-z, 0-9, '_', '-', starting with a letter "
@@ -210,13 +221,31 @@ class Registry:
             )
 
         def work(conn: Connection) -> Adapter:
-            self._require_version(conn, name, number)
+            version = self._require_version(conn, name, number)
+            if alias in PROMOTED_ALIASES and not force:
+                reason = promotion_refusal(version, self.promotion_margin)
+                if reason is not None:
+                    raise Conflict(f"promotion to {name}@{alias} refused: {reason}", code="promotion_refused")
             key = (db.aliases.c.adapter_name == name) & (db.aliases.c.alias == alias)
             if conn.scalar(select(db.aliases.c.version_number).where(key)) is None:
                 conn.execute(insert(db.aliases).values(adapter_name=name, alias=alias, version_number=number))
             else:
                 conn.execute(update(db.aliases).where(key).values(version_number=number))
             return self._load_one(conn, name)
+
+        return self._write(work)
+
+    def record_evaluation(self, name: str, number: int, report: dict[str, Any]) -> AdapterVersion:
+        """Store an eval report with version ``number``; it becomes the one promotion reads."""
+
+        def work(conn: Connection) -> AdapterVersion:
+            self._require_version(conn, name, number)
+            conn.execute(
+                insert(db.evaluations).values(
+                    adapter_name=name, version_number=number, report=report, created_at=datetime.now(UTC)
+                )
+            )
+            return self._require_version(conn, name, number)
 
         return self._write(work)
 
@@ -249,6 +278,8 @@ class Registry:
                 raise Conflict(
                     f"{version.lora_name} is still pointed at by {names}; move or delete those aliases first"
                 )
+            ev = db.evaluations
+            conn.execute(delete(ev).where((ev.c.adapter_name == name) & (ev.c.version_number == number)))
             conn.execute(
                 delete(db.versions).where((db.versions.c.adapter_name == name) & (db.versions.c.number == number))
             )
@@ -268,8 +299,8 @@ class Registry:
     def _check_name(self, name: str) -> None:
         if not NAME_RULE.fullmatch(name):
             raise InvalidRequest(
-                f"invalid adapter name {name!r}: use 1-64 characters a-z, 0-9, '.', '_', '-', "
-                "starting with a letter or digit (^[a-z0-9][a-z0-9._-]{0,63}$)",
+                f"invalid adapter name {name!r}: use 1-64 characters a-z, 0-9, '.', '_', ':', '-', "
+                "starting with a letter or digit (^[a-z0-9][a-z0-9._:-]{0,63}$)",
                 param="name",
             )
         if name in self._reserved_names:
@@ -316,9 +347,17 @@ class Registry:
             adapter_q = adapter_q.where(a.c.name.in_(wanted))
             version_q = version_q.where(v.c.adapter_name.in_(wanted))
             alias_q = alias_q.where(al.c.adapter_name.in_(wanted))
+        ev = db.evaluations
+        # Only each version's newest report: older ones stay in the table as history.
+        newest = select(func.max(ev.c.id)).group_by(ev.c.adapter_name, ev.c.version_number)
+        if names is not None:
+            newest = newest.where(ev.c.adapter_name.in_(wanted))
+        evaluation_q = select(ev.c.adapter_name, ev.c.version_number, ev.c.report).where(ev.c.id.in_(newest))
+        evaluations = {(r.adapter_name, r.version_number): r.report for r in conn.execute(evaluation_q)}
         versions: dict[str, list[AdapterVersion]] = {}
         for row in conn.execute(version_q).mappings():
-            versions.setdefault(row["adapter_name"], []).append(self._version(row))
+            evaluation = evaluations.get((row["adapter_name"], row["number"]))
+            versions.setdefault(row["adapter_name"], []).append(self._version(row, evaluation))
         aliases: dict[str, dict[str, int]] = {}
         for row in conn.execute(alias_q).mappings():
             aliases.setdefault(row["adapter_name"], {})[row["alias"]] = row["version_number"]
@@ -342,7 +381,7 @@ class Registry:
         )
         return self._version(row) if row is not None else None
 
-    def _version(self, row: RowMapping) -> AdapterVersion:
+    def _version(self, row: RowMapping, evaluation: dict[str, Any] | None = None) -> AdapterVersion:
         return AdapterVersion(
             name=row["adapter_name"],
             number=row["number"],
@@ -353,6 +392,7 @@ class Registry:
             size_bytes=row["size_bytes"],
             created_at=_utc(row["created_at"]),
             manifest=row["manifest"],
+            evaluation=evaluation,
         )
 
 

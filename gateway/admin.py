@@ -14,12 +14,11 @@ from starlette.datastructures import UploadFile
 from adapters import Adapter, AdapterVersion
 from gateway.deps import GatewayDep
 from gateway.protocol import AdapterList, AdapterPublic, AliasUpdate, PushPublic, VersionPublic
-from quiver.errors import InvalidRequest, LengthRequired, PayloadTooLarge
+from gateway.uploads import check_length, spool
+from quiver.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1/adapters")
 
-# Multipart boundaries and the name field on top of the archive itself.
-_FORM_OVERHEAD = 64 * 1024
 _UPLOAD_SCHEMA = {
     "requestBody": {
         "required": True,
@@ -44,7 +43,7 @@ _UPLOAD_SCHEMA = {
 
 
 def version_public(version: AdapterVersion, aliases: dict[str, int], *, manifest: bool = False) -> VersionPublic:
-    """Wire form of one version; the training manifest only when asked (it can be large)."""
+    """Wire form of one version; the training manifest and eval report only when asked (they can be large)."""
     return VersionPublic(
         version=version.number,
         model=version.lora_name,
@@ -55,6 +54,7 @@ def version_public(version: AdapterVersion, aliases: dict[str, int], *, manifest
         created_at=version.created_at,
         aliases=sorted(a for a, n in aliases.items() if n == version.number),
         manifest=dict(version.manifest) if manifest and version.manifest is not None else None,
+        evaluation=dict(version.evaluation) if manifest and version.evaluation is not None else None,
     )
 
 
@@ -70,33 +70,11 @@ def adapter_public(adapter: Adapter, *, manifest: bool = False) -> AdapterPublic
     )
 
 
-def _spool(upload: UploadFile, directory: Path, limit: int) -> Path:
-    """Copy the upload to a file of its own, enforcing the size limit while copying."""
-    target = directory / "upload"
-    copied = 0
-    with target.open("wb") as out:
-        while chunk := upload.file.read(1 << 20):
-            copied += len(chunk)
-            if copied > limit:
-                raise PayloadTooLarge(f"upload is larger than the {limit}-byte limit", param="file")
-            out.write(chunk)
-    return target
-
-
-def _check_length(request: Request, limit: int) -> None:
-    # Refuse before the multipart body is read: parsing it spools every byte to disk.
-    declared = request.headers.get("content-length")
-    if declared is None or not declared.isdigit():
-        raise LengthRequired("adapter uploads need a Content-Length header")
-    if int(declared) > limit + _FORM_OVERHEAD:
-        raise PayloadTooLarge(f"upload is larger than the {limit}-byte limit", param="file")
-
-
 @router.post("", status_code=201, response_model=PushPublic, openapi_extra=_UPLOAD_SCHEMA)
 async def push(request: Request, gateway: GatewayDep, response: Response) -> PushPublic:
     """Upload a new version (multipart ``name`` and ``file``); identical content returns the existing one with 200."""
     limit = gateway.settings.max_upload_bytes
-    _check_length(request, limit)
+    check_length(request, limit, "adapter uploads")
     async with request.form(max_files=1, max_fields=8) as form:
         name, upload = form.get("name"), form.get("file")
         if not isinstance(name, str) or not name:
@@ -109,7 +87,7 @@ async def push(request: Request, gateway: GatewayDep, response: Response) -> Pus
             await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="upload-", dir=gateway.settings.data_dir))
         )
         try:
-            archive = await anyio.to_thread.run_sync(_spool, upload, workdir, limit)
+            archive = await anyio.to_thread.run_sync(spool, upload, workdir / "upload", limit)
             result = await gateway.registry.call(gateway.registry.registry.push_archive, name, archive)
         finally:
             await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
@@ -135,9 +113,10 @@ async def get_adapter(name: str, gateway: GatewayDep) -> AdapterPublic:
 
 @router.put("/{name}/aliases/{alias}", response_model=AdapterPublic)
 async def set_alias(name: str, alias: str, body: AliasUpdate, gateway: GatewayDep) -> AdapterPublic:
-    """Point ``name@alias`` at a version; takes effect on the next request."""
+    """Point ``name@alias`` at a version; takes effect on the next request. ``prod`` needs a passing eval report."""
     registry = gateway.registry
-    return adapter_public(await registry.call(registry.registry.set_alias, name, alias, body.version))
+    moved = await registry.call(lambda: registry.registry.set_alias(name, alias, body.version, force=body.force))
+    return adapter_public(moved)
 
 
 @router.delete("/{name}/aliases/{alias}", status_code=204)

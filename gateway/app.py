@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from adapters import BaseModelSpec, Registry
-from gateway import admin, routes
+from gateway import admin, files, fine_tuning, routes
 from gateway.deps import Gateway
 from gateway.health import ReplicaMonitor
 from gateway.metrics import Metrics
@@ -40,14 +40,20 @@ def error_response(exc: QuiverError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
 
+def base_model_dir(settings: Settings, replica: VllmReplica) -> Path | None:
+    """The served base model's directory: configured, else vLLM's model root when that is a local model."""
+    if settings.base_model_path is not None:
+        return settings.base_model_path
+    root = Path(replica.model_root) if replica.model_root else None
+    return root if root is not None and (root / "config.json").is_file() else None
+
+
 async def _base_spec(settings: Settings, replica: VllmReplica) -> BaseModelSpec | None:
     """The served base model's architecture, for checking uploads against it."""
-    path = settings.base_model_path
-    if path is None:
+    if settings.base_model_path is None:
         with suppress(QuiverError):
             await replica.models()
-        root = Path(replica.model_root) if replica.model_root else None
-        path = root if root is not None and (root / "config.json").is_file() else None
+    path = base_model_dir(settings, replica)
     if path is None:
         log.warning(
             "base model directory unknown (set QUIVER_BASE_MODEL_PATH); uploads are checked "
@@ -67,6 +73,7 @@ def open_registry(settings: Settings, base: BaseModelSpec | None) -> Registry:
         base=base,
         max_lora_rank=settings.max_lora_rank,
         reserved_names=frozenset(reserved),
+        promotion_margin=settings.promotion_margin,
     )
 
 
@@ -96,6 +103,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gateway = await _build(settings, transport)
         app.state.gateway = gateway
+        app.state.fine_tuning = await fine_tuning.FineTuning.start(settings, base_model_dir(settings, gateway.replica))
         await gateway.monitor.check()
         tasks = [
             asyncio.create_task(gateway.monitor.watch(settings.health_interval_s), name="vllm-monitor"),
@@ -107,6 +115,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await app.state.fine_tuning.stop()
             await gateway.residency.unload_all()
             await gateway.replica.aclose()
             await anyio.to_thread.run_sync(gateway.registry.registry.close)
@@ -114,6 +123,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     app = FastAPI(title="Quiver", version="0.1.0", lifespan=lifespan)
     app.include_router(routes.router)
     app.include_router(admin.router)
+    app.include_router(files.router)
+    app.include_router(fine_tuning.router)
 
     @app.exception_handler(QuiverError)
     async def _quiver_error(request: Request, exc: QuiverError) -> JSONResponse:

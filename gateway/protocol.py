@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from quiver.errors import InvalidRequest
 
@@ -93,6 +94,7 @@ class VersionPublic(BaseModel):
     created_at: datetime
     aliases: list[str]
     manifest: dict[str, Any] | None = Field(None, description="quiver_manifest.json, on GET /v1/adapters/{name}")
+    evaluation: dict[str, Any] | None = Field(None, description="The newest eval report, on GET /v1/adapters/{name}")
 
 
 class AdapterPublic(BaseModel):
@@ -128,3 +130,268 @@ class AliasUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: int = Field(ge=1)
+    force: bool = Field(False, description="Promote to prod even without a passing eval report.")
+
+
+# -- files and fine-tuning jobs, in OpenAI's shapes ---------------------------------------------------
+
+
+def _auto_or_number(value: object, *, integer: bool, high: float, low: float | None = None) -> object:
+    """``"auto"``, or the number if it is in range; one clear message otherwise (pydantic's own would name
+    each member of the union)."""
+    if value is None or value == "auto":
+        return "auto"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+        in_range = (number >= low if low is not None else number > 0) and number <= high
+        if in_range and (not integer or number.is_integer()):
+            return int(number) if integer else number
+    kind = "an integer" if integer else "a number"
+    bounds = f"from {low:g} to {high:g}" if low is not None else f"above 0 and at most {high:g}"
+    raise PydanticCustomError(
+        "auto_or_number",
+        "must be 'auto' or {kind} {bounds}, got {value}",
+        {"kind": kind, "bounds": bounds, "value": repr(value)},
+    )
+
+
+class HyperparametersIn(BaseModel):
+    """A supervised job's hyperparameters; each is ``"auto"`` (the default) or a value in range."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float | Literal["auto"] = "auto"
+
+    @field_validator("n_epochs", mode="before")
+    @classmethod
+    def _epochs(cls, value: object) -> object:
+        return _auto_or_number(value, integer=True, low=1, high=50)
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch(cls, value: object) -> object:
+        return _auto_or_number(value, integer=True, low=1, high=256)
+
+    @field_validator("learning_rate_multiplier", mode="before")
+    @classmethod
+    def _lr(cls, value: object) -> object:
+        return _auto_or_number(value, integer=False, high=10)
+
+
+class DpoHyperparametersIn(HyperparametersIn):
+    """A DPO job's hyperparameters: the supervised ones and ``beta``."""
+
+    beta: float | Literal["auto"] = "auto"
+
+    @field_validator("beta", mode="before")
+    @classmethod
+    def _beta(cls, value: object) -> object:
+        return _auto_or_number(value, integer=False, high=2)
+
+
+class SupervisedIn(BaseModel):
+    """``method.supervised``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: HyperparametersIn | None = None
+
+
+class DpoIn(BaseModel):
+    """``method.dpo``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: DpoHyperparametersIn | None = None
+
+
+class MethodIn(BaseModel):
+    """``method``: supervised fine-tuning or DPO (reinforcement fine-tuning is not offered)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised", "dpo"]
+    supervised: SupervisedIn | None = None
+    dpo: DpoIn | None = None
+
+
+class FineTuningJobCreate(BaseModel):
+    """``POST /v1/fine_tuning/jobs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    training_file: str = Field(min_length=1)
+    validation_file: str | None = None
+    method: MethodIn | None = None
+    hyperparameters: HyperparametersIn | None = Field(None, description="Deprecated by OpenAI in favour of method.")
+    suffix: str | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    integrations: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+
+
+class FilePublic(BaseModel):
+    """OpenAI's ``file`` object."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    status_details: str | None = None
+    expires_at: int | None = None
+
+
+class FileList(BaseModel):
+    """``GET /v1/files``."""
+
+    object: Literal["list"] = "list"
+    data: list[FilePublic]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class FileDeleted(BaseModel):
+    """``DELETE /v1/files/{file_id}``."""
+
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class JobErrorPublic(BaseModel):
+    """Why a job failed."""
+
+    code: str
+    message: str
+    param: str | None
+
+
+class HyperparametersPublic(BaseModel):
+    """A job's resolved hyperparameters."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class DpoHyperparametersPublic(HyperparametersPublic):
+    """A DPO job's resolved hyperparameters."""
+
+    beta: float
+
+
+class SupervisedPublic(BaseModel):
+    """``method.supervised`` of a job."""
+
+    hyperparameters: HyperparametersPublic
+
+
+class DpoPublic(BaseModel):
+    """``method.dpo`` of a job."""
+
+    hyperparameters: DpoHyperparametersPublic
+
+
+class MethodPublic(BaseModel):
+    """``method`` of a job."""
+
+    type: Literal["supervised", "dpo"]
+    supervised: SupervisedPublic | None = None
+    dpo: DpoPublic | None = None
+
+
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class FineTuningJobPublic(BaseModel):
+    """OpenAI's ``fine_tuning.job`` object."""
+
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    id: str
+    created_at: int
+    error: JobErrorPublic | None
+    fine_tuned_model: str | None
+    finished_at: int | None
+    hyperparameters: HyperparametersPublic
+    model: str
+    organization_id: str = "quiver"
+    result_files: list[str]
+    seed: int
+    status: JobStatus
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    estimated_finish: int | None = None
+    integrations: list[dict[str, Any]] = Field(default_factory=list)
+    metadata: dict[str, str] | None
+    method: MethodPublic
+    user_provided_suffix: str | None
+
+
+class FineTuningJobList(BaseModel):
+    """``GET /v1/fine_tuning/jobs``."""
+
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobPublic]
+    has_more: bool
+
+
+class JobEventPublic(BaseModel):
+    """OpenAI's ``fine_tuning.job.event`` object."""
+
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    data: dict[str, Any] | None
+    type: Literal["message", "metrics"]
+
+
+class JobEventList(BaseModel):
+    """``GET /v1/fine_tuning/jobs/{id}/events``."""
+
+    object: Literal["list"] = "list"
+    data: list[JobEventPublic]
+    has_more: bool
+
+
+class CheckpointMetrics(BaseModel):
+    """A checkpoint's metrics: the last training and validation values logged at or before its step."""
+
+    step: float | None = None
+    train_loss: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    full_valid_loss: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+
+
+class CheckpointPublic(BaseModel):
+    """OpenAI's ``fine_tuning.job.checkpoint`` object; ``fine_tuned_model_checkpoint`` is servable."""
+
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int
+
+
+class CheckpointList(BaseModel):
+    """``GET /v1/fine_tuning/jobs/{id}/checkpoints``."""
+
+    object: Literal["list"] = "list"
+    data: list[CheckpointPublic]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None

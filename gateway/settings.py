@@ -46,7 +46,22 @@ class Settings(BaseSettings):
     health_interval_s: float = Field(1.0, gt=0, description="How often vLLM is polled.")
     registry_refresh_s: float = Field(1.0, gt=0, description="How often outside registry writes are seen.")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest adapter archive accepted.")
+    promotion_margin: float = Field(
+        5.0, ge=0, description="Points an adapter must beat its best eval baseline by to become name@prod."
+    )
     log_level: str = Field("info", description="uvicorn log level.")
+    fine_tuning_workers: int = Field(
+        1, ge=0, description="Fine-tuning worker processes the gateway runs, one job each at a time; 0: none."
+    )
+    fine_tuning_poll_s: float = Field(1.0, gt=0, description="How often an idle fine-tuning worker looks for jobs.")
+    fine_tuning_heartbeat_s: float = Field(2.0, gt=0, description="How often a running fine-tuning job reports.")
+    fine_tuning_stale_after_s: float = Field(
+        60.0, gt=0, description="A running job whose worker has not reported for this long is failed."
+    )
+    fine_tuning_stop_timeout_s: float = Field(
+        30.0, gt=0, description="How long a stopping worker may take to finish its training step."
+    )
+    max_file_bytes: int = Field(512 * 1024**2, gt=0, description="Largest training file accepted by POST /v1/files.")
 
     @field_validator("vllm_url")
     @classmethod
@@ -68,6 +83,15 @@ class Settings(BaseSettings):
         if value is not None and not (value / "config.json").is_file():
             raise ValueError(f"QUIVER_BASE_MODEL_PATH {value} has no config.json")
         return value
+
+    @model_validator(mode="after")
+    def _heartbeats_fit(self) -> Settings:
+        if self.fine_tuning_stale_after_s <= 2 * self.fine_tuning_heartbeat_s:
+            raise ValueError(
+                "QUIVER_FINE_TUNING_STALE_AFTER_S must be more than twice QUIVER_FINE_TUNING_HEARTBEAT_S, "
+                "or a slow heartbeat fails a healthy job"
+            )
+        return self
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:

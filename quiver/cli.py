@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -143,11 +145,19 @@ def adapters_list() -> None:
 
 
 @adapters_app.command("alias")
-def adapters_alias(name: str, alias: str, version: int) -> None:
-    """Point NAME@ALIAS at a version (e.g. `quiver adapters alias support prod 3`)."""
+def adapters_alias(
+    name: str,
+    alias: str,
+    version: int,
+    force: Annotated[bool, typer.Option(help="Promote to prod without a passing eval report.")] = False,
+) -> None:
+    """Point NAME@ALIAS at a version (e.g. `quiver adapters alias support prod 3`).
+
+    `prod` takes only a version whose `quiver eval` report beats the best baseline by the promotion margin.
+    """
     registry = _registry()
     try:
-        registry.set_alias(name, alias, version)
+        registry.set_alias(name, alias, version, force=force)
     except QuiverError as exc:
         _fail(exc)
     finally:
@@ -234,17 +244,94 @@ def train(
         adapters_push(result.adapter_dir, name)
 
 
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Argument(help="The adapter version to evaluate: NAME@vN (or NAME@alias).")],
+    test: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Held-out test file (chat JSONL).")],
+    train: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Training data: few-shot and RAG pool.")],
+    spec: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="dataset_spec.json (default: beside the test file).")
+    ] = None,
+    k: Annotated[int, typer.Option(help="Examples the few-shot and RAG baselines show.")] = 3,
+    gateway: Annotated[str | None, typer.Option(help="Gateway URL (default: the one `quiver up` serves).")] = None,
+    probe: Annotated[bool, typer.Option(help="Run the general-knowledge forgetting probe.")] = True,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 8,
+    store: Annotated[bool, typer.Option(help="Store the report with the version in the registry.")] = True,
+    output: Annotated[Path | None, typer.Option(dir_okay=False, help="Also write the JSON report here.")] = None,
+) -> None:
+    """Score an adapter and three baselines (base + prompt, few-shot, RAG) on a test set, through the gateway."""
+    from training.eval import TaskSpec, evaluate, report_table
+
+    settings = _served_settings()
+    spec_path = spec or test.parent / "dataset_spec.json"
+    registry = _registry()
+    try:
+        version = registry.resolve(model)
+        task = TaskSpec.from_file(spec_path) if spec_path.is_file() else TaskSpec()
+        url = gateway or f"http://{settings.host}:{settings.port}"
+        report = evaluate(
+            version.lora_name, test, train, base_url=url, spec=task, k=k, probe=probe,
+            concurrency=concurrency, console=err,
+        )  # fmt: skip
+        if store:
+            registry.record_evaluation(version.name, version.number, report)
+    except QuiverError as exc:
+        _fail(exc)
+    finally:
+        registry.close()
+    console.print(report_table(report, registry.promotion_margin))
+    if output is not None:
+        output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if store:
+        console.print(f"report stored with {version.lora_name}")
+
+
+class Benchmark(StrEnum):
+    """The sections of `quiver bench`, each of which `--only` runs alone."""
+
+    gateway = "gateway"
+    training = "training"
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option(help="Runs directory for the data and the adapter.")] = Path("runs"),
+) -> None:
+    """Train the demo adapter (support triage) on this machine, evaluate it against the baselines, push it."""
+    from quiver import demo as demo_module
+    from quiver import embedded
+
+    settings = _served_settings()
+    base_dir = settings.base_model_path or embedded.prepare(console=err)
+    if settings.base_model is None:
+        settings = settings.model_copy(update={"base_model": embedded.SERVED_NAME})
+    try:
+        demo_module.run(settings, base_dir, output, err)
+    except QuiverError as exc:
+        _fail(exc)
+
+
 @app.command()
 def bench(
     vllm_url: Annotated[str | None, typer.Option(help="Benchmark against this vLLM instead of starting one.")] = None,
     rounds: Annotated[int, typer.Option(help="Alternating rounds per comparison.")] = 6,
     requests: Annotated[int, typer.Option(help="Requests per side at concurrency 1 (more at 16).")] = 120,
     out: Annotated[Path, typer.Option(help="Results directory.")] = Path("bench/results"),
+    only: Annotated[Benchmark | None, typer.Option(help="Run one section only.")] = None,
+    training_steps: Annotated[int, typer.Option(help="Timed optimizer steps per training run.")] = 3,
+    training_rounds: Annotated[int, typer.Option(help="Alternating rounds of the training comparison.")] = 2,
 ) -> None:
-    """Gateway vs vLLM direct, side by side: added latency and throughput ratio."""
-    from loadtest import bench as bench_module
+    """Side by side in one run: the gateway vs vLLM direct, and `quiver train` vs plain TRL (tokens/s)."""
+    if only in (None, Benchmark.gateway):
+        from loadtest import bench as bench_module
 
-    bench_module.run(vllm_url, rounds, requests, out, console)
+        bench_module.run(vllm_url, rounds, requests, out, console)
+    if only in (None, Benchmark.training):
+        from quiver import embedded
+        from training import bench as training_bench
+
+        base = embedded.prepare(console=err)
+        training_bench.run(base, out, console, steps=training_steps, rounds=training_rounds)
 
 
 def main() -> None:

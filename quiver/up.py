@@ -32,7 +32,22 @@ def _ask_base(vllm_url: str) -> tuple[str, str | None]:
     return str(base["id"]), base.get("root")
 
 
-def _banner(console: Console, settings: Settings, base: str, vllm_url: str, started: float) -> None:
+def _demo_hint(url: str, has_demo: bool) -> str:
+    from quiver.demo import DEMO_ADAPTER
+
+    if not has_demo:
+        return "Train the demo adapter (support triage, about 10 minutes on a CPU): make demo-adapter\n"
+    message = "My Lumo lamp was charged twice, please fix this today!"
+    return (
+        f"The demo adapter is registered; ask it:\n"
+        f"  curl {url}/v1/chat/completions -H 'content-type: application/json' "
+        f'-d \'{{"model": "{DEMO_ADAPTER}", "messages": [{{"role": "user", "content": "{message}"}}]}}\'\n'
+    )
+
+
+def _banner(
+    console: Console, settings: Settings, base: str, vllm_url: str, started: float, has_demo: bool = False
+) -> None:
     host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0") else settings.host
     url = f"http://{host}:{settings.port}"
     console.rule("[bold green]Quiver is serving")
@@ -43,6 +58,7 @@ def _banner(console: Console, settings: Settings, base: str, vllm_url: str, star
         f"  curl {url}/v1/models\n"
         f"  curl {url}/v1/chat/completions -H 'content-type: application/json' "
         f'-d \'{{"model": "base", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n\n'
+        f"{_demo_hint(url, has_demo)}"
         f"Push an adapter: quiver adapters push ./my-adapter --name my-adapter\n"
         f"Ctrl-C stops the gateway and vLLM.",
         soft_wrap=True,
@@ -157,8 +173,9 @@ def run(
 
 
 def _serve(settings: Settings, base: str, console: Console, started: float) -> int:
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
@@ -172,7 +189,10 @@ def _serve(settings: Settings, base: str, console: Console, started: float) -> i
     async def startup(sockets: object = None) -> None:
         await original_startup(sockets=sockets)  # type: ignore[arg-type]
         if gateway.started:
-            _banner(console, settings, base, settings.vllm_url, started)
+            from quiver.demo import DEMO_ADAPTER
+
+            has_demo = DEMO_ADAPTER in app.state.gateway.registry.catalog.adapters
+            _banner(console, settings, base, settings.vllm_url, started, has_demo)
 
     gateway.startup = startup  # type: ignore[method-assign]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -17,6 +17,19 @@ from tests.servers import GatewayServer, running_gateway
 VLLM_MAX_LORAS = 4
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped, not failed, where CUDA is not available."""
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu:
+        return
+    import torch  # only when GPU tests are collected: torch takes seconds to import
+
+    if torch.cuda.is_available():
+        return
+    for item in gpu:
+        item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
     """The converted SmolLM2-135M-Instruct (built once, cached under ~/.cache/quiver)."""
@@ -53,6 +66,8 @@ def settings(vllm: VllmServer, base_model_dir: Path, tmp_path: Path) -> Settings
         max_loras=2,
         health_interval_s=0.2,
         registry_refresh_s=0.2,
+        # Worker processes only for the tests that train; the others need no idle process each.
+        fine_tuning_workers=0,
     )
 
 

@@ -377,3 +377,24 @@ def train_config(base: Path, out: Path, **changes: Any) -> TrainConfig:
         "max_lora_rank": 16,
     }
     return TrainConfig(**{**settings, **changes})
+
+
+def chat_jsonl(n: int, seed: int = 0, *, system: bool = True) -> bytes:
+    """``n`` distinct demo-task conversations (``training.demo``) as OpenAI chat JSON Lines.
+
+    ``system=False`` leaves out the task's long system prompt, for tiny models that should train fast.
+    """
+    from training.demo import generate_examples
+
+    records = (
+        {"messages": [m.to_dict() for m in e.messages if system or m.role != "system"]}
+        for e in generate_examples(n, seed)
+    )
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def preference_jsonl(n: int) -> bytes:
+    """``n`` preference pairs with distinct prompts, as JSON Lines (``prompt``/``chosen``/``rejected``)."""
+    words = ("apple", "pear", "plum", "fig", "kiwi", "lime", "date", "lemon", "mango", "peach", "grape", "melon")
+    records = ({"prompt": f"Say {w} twice", "chosen": f"{w} {w}", "rejected": "no"} for w in words[:n])
+    return "".join(json.dumps(r) + "\n" for r in records).encode()

@@ -146,8 +146,9 @@ class TrainConfig:
     def resolved_dtype(self, device: str) -> torch.dtype:
         """The compute dtype on ``device`` ("cpu" or "cuda").
 
-        ``auto``: bf16 where the hardware runs it natively, else fp32. Plain LoRA on a CPU stays fp32,
-        where bf16 autocast buys little for small models; QLoRA computes in bf16 there, like on a GPU.
+        ``auto``: bf16 where the hardware runs it natively (a GPU from Ampere on, a CPU with AVX-512 BF16 or AMX),
+        else fp32. The frozen base is loaded in it and matmuls autocast to it; the LoRA weights stay fp32 either way.
+        Native bf16 matmuls run about twice as fast as fp32 ones even on a CPU, which is most of a step's time.
         """
         import torch
 
@@ -157,9 +158,7 @@ class TrainConfig:
             return torch.float32
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        if self.peft == "qlora" and _cpu_runs_bf16():
-            return torch.bfloat16
-        return torch.float32
+        return torch.bfloat16 if _cpu_runs_bf16() else torch.float32
 
     def quantization_config(self, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
         """QLoRA's 4-bit NF4 with double quantization; None for plain LoRA."""

@@ -7,6 +7,9 @@ typos), and sometimes mentions a second product in passing. The labels follow fr
 chosen, so a small model can learn the mapping, while the conventions (a damaged delivery is
 ``shipping``, not ``technical``; ``KB-7`` is the kettle; "not urgent" is ``low``) are not
 guessable from the system prompt alone.
+
+The examples are a user message and the answer, with no system prompt: that is the point of an
+adapter. ``SYSTEM_PROMPT`` is in the dataset spec for the eval gate's baselines.
 """
 
 from __future__ import annotations
@@ -274,8 +277,9 @@ def generate_example(rng: random.Random) -> tuple[str, dict[str, str]]:
 
 
 def _example(text: str, labels: Mapping[str, str], line: int) -> ChatExample:
+    # No system prompt: the adapter learns the behaviour, so serving it needs no instructions (and its
+    # prompts are half as long). The prompt lives in the spec, for the baselines that need it.
     messages = (
-        Message("system", SYSTEM_PROMPT),
         Message("user", text),
         Message("assistant", json.dumps({key: labels[key] for key in FIELDS})),
     )

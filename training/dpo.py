@@ -26,7 +26,7 @@ from training.sft import (
 )
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase, TrainerCallback
     from trl.trainer.dpo_trainer import DPOTrainer
 
 
@@ -38,10 +38,19 @@ def train_dpo(
     data_files: Mapping[str, Any] | None = None,
     resume: bool | Path = False,
     console: Console | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
     """Train a LoRA/QLoRA adapter on preference pairs and write it with its manifest (see ``train_sft``)."""
     return fit(
-        config, "dpo", dpo_trainer, train_pairs, val_pairs, data_files=data_files, resume=resume, console=console
+        config,
+        "dpo",
+        dpo_trainer,
+        train_pairs,
+        val_pairs,
+        data_files=data_files,
+        resume=resume,
+        console=console,
+        callbacks=callbacks,
     )
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
@@ -87,6 +88,61 @@ class RichProgress(TrainerCallback):
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class StepReporter(TrainerCallback):
+    """Progress for a program rather than a person: an event per logged loss, one per saved checkpoint,
+    and a stop between steps once ``should_stop`` says so. The fine-tuning worker reports a job through it.
+
+    ``report(message, kind, data)``: ``kind`` is ``"metrics"`` for losses (``data`` has step, total_steps and
+    ``train_loss`` or ``valid_loss``, with the mean token accuracy when the trainer logs it), else ``"message"``.
+    ``on_checkpoint(directory, step, metrics)`` gets the latest train and validation values as the metrics.
+    """
+
+    def __init__(
+        self,
+        report: Callable[[str, Literal["message", "metrics"], Mapping[str, Any] | None], None],
+        on_checkpoint: Callable[[Path, int, Mapping[str, float]], None],
+        should_stop: Callable[[], bool],
+    ) -> None:
+        self.report = report
+        self.on_checkpoint = on_checkpoint
+        self.should_stop = should_stop
+        self.latest: dict[str, float] = {}
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        resumed = f", resuming at step {state.global_step}" if state.global_step else ""
+        self.report(f"Training started: {state.max_steps} steps{resumed}", "message", {"total_steps": state.max_steps})
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        logs = logs or {}
+        step, total = state.global_step, state.max_steps
+        for source, prefix, what in (("loss", "train", "training"), ("eval_loss", "valid", "validation")):
+            if source not in logs:
+                continue
+            data = {"step": step, f"{prefix}_loss": float(logs[source]), "total_steps": total}
+            accuracy = logs.get("mean_token_accuracy" if prefix == "train" else "eval_mean_token_accuracy")
+            if accuracy is not None:
+                data[f"{prefix}_mean_token_accuracy"] = float(accuracy)
+            self.latest.update({k: v for k, v in data.items() if k not in ("step", "total_steps")})
+            self.report(f"Step {step}/{total}: {what} loss={float(logs[source]):.4f}", "metrics", data)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        directory = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        self.on_checkpoint(directory, state.global_step, dict(self.latest))
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.should_stop():
+            control.should_training_stop = True
 
 
 def loss_table(title: str, train: Sequence[LossPoint], val: Sequence[LossPoint], best_step: int | None = None) -> Table:

@@ -32,7 +32,7 @@ from training.progress import RichProgress, loss_table
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
     from trl.trainer.sft_trainer import SFTTrainer
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -76,13 +76,25 @@ def train_sft(
     data_files: Mapping[str, Any] | None = None,
     resume: bool | Path = False,
     console: Console | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
     """Train a LoRA/QLoRA adapter on chat examples (``{"messages": [...]}``) and write it with its manifest.
 
     ``data_files`` is the loader's per-file record (hashes, counts), stored in the manifest as given.
     ``resume=True`` continues from the latest checkpoint under ``config.checkpoint_dir``; a path, from that one.
+    ``callbacks`` join the trainer's own (the fine-tuning worker reports progress and stops through them).
     """
-    return fit(config, "sft", sft_trainer, train, val, data_files=data_files, resume=resume, console=console)
+    return fit(
+        config,
+        "sft",
+        sft_trainer,
+        train,
+        val,
+        data_files=data_files,
+        resume=resume,
+        console=console,
+        callbacks=callbacks,
+    )
 
 
 def fit(
@@ -95,6 +107,7 @@ def fit(
     data_files: Mapping[str, Any] | None,
     resume: bool | Path,
     console: Console | None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
     """What SFT and DPO runs share: check the method, prepare the output, build the trainer, run it."""
     if config.method != method:
@@ -102,6 +115,8 @@ def fit(
     console = console or Console(stderr=True)
     checkpoint = prepare_output(config, resume)
     trainer = build(config, train, val, console=console)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     return run_training(
         trainer,
         config,
@@ -163,14 +178,17 @@ def load_base(config: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokenizer
 
     if not (config.base_model / "config.json").is_file():
         raise InvalidRequest(f"base model {config.base_model} has no config.json", param="base_model")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = config.resolved_dtype(device)
+    cuda = torch.cuda.is_available()
+    dtype = config.resolved_dtype("cuda" if cuda else "cpu")
     kwargs: dict[str, Any] = {"dtype": dtype}
     quantization = config.quantization_config(dtype)
     if quantization is not None:
         _require_bitsandbytes()
         kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": device}
+    if cuda or quantization is not None:
+        # Straight onto this process's device: bitsandbytes quantizes while loading there, and a large base
+        # never needs a full-precision copy in host memory. Under torchrun/accelerate each rank has its own GPU.
+        kwargs["device_map"] = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(str(config.base_model), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(config.base_model))
     if tokenizer.eos_token_id is None:
@@ -194,8 +212,8 @@ def make_trainer(
 
     LoRA from the config; the rich bar instead of transformers' log printer; early stopping on
     validation loss when asked for; no usage report to the Hugging Face Hub. TRL casts a quantized
-    model's trainable weights to bf16 (the QLoRA paper's choice); here QLoRA's LoRA weights stay in
-    full precision, as master weights, while the 4-bit base computes in the compute dtype.
+    model's trainable weights to bf16 (the QLoRA paper's choice); here LoRA weights always stay in
+    full precision, as master weights, while the bf16 or 4-bit base computes in the compute dtype.
     """
     import torch
     from datasets import Dataset
@@ -216,10 +234,10 @@ def make_trainer(
             callbacks=callbacks,
         )
     trainer.remove_callback(PrinterCallback)
-    if config.peft == "qlora":
-        for parameter in peft_model(trainer).parameters():
-            if parameter.requires_grad and parameter.dtype != torch.float32:
-                parameter.data = parameter.data.to(torch.float32)
+    # PEFT already keeps LoRA weights fp32 over a bf16 base; TRL casts them to bf16 over a 4-bit one.
+    for parameter in peft_model(trainer).parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.to(torch.float32)
     return trainer
 
 

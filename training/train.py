@@ -8,27 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from training.config import TrainConfig
-from training.data import (
-    ChatExample,
-    DataFile,
-    OverlapReport,
-    PreferenceExample,
-    SplitName,
-    find_overlaps,
-    load_examples,
-    split,
-)
+from training.data import ChatExample, OverlapReport, PreferenceExample, SplitName
 from training.dpo import train_dpo
 from training.sft import TrainResult, train_sft
+from training.splits import DEFAULT_MAX_OVERLAP, load_splits
 
-# Val or test examples that duplicate training ones make the validation loss (and the eval gate) lie.
-DEFAULT_MAX_OVERLAP = 0.02
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 
 def chat_row(example: ChatExample) -> dict[str, Any]:
@@ -43,10 +35,6 @@ def pair_row(example: PreferenceExample) -> dict[str, Any]:
         "chosen": [{"role": "assistant", "content": example.chosen}],
         "rejected": [{"role": "assistant", "content": example.rejected}],
     }
-
-
-def _examples(data: DataFile, method: str) -> tuple[ChatExample, ...] | tuple[PreferenceExample, ...]:
-    return data.preference_examples() if method == "dpo" else data.chat_examples()
 
 
 def _report(report: OverlapReport, console: Console) -> None:
@@ -77,31 +65,21 @@ def train(
     max_overlap: float = DEFAULT_MAX_OVERLAP,
     resume: bool | Path = False,
     console: Console | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
-    """Train an adapter on ``data`` (held-out split unless ``val`` is given) and return where it was written."""
+    """Train an adapter on ``data`` (held-out split unless ``val`` is given) and return where it was written.
+
+    ``callbacks`` join the trainer's own, e.g. to report progress elsewhere or to stop between steps.
+    """
     console = console or Console(stderr=True)
-    train_file = load_examples(data)
-    files: dict[str, Any] = {"train": train_file.fingerprint()}
-    examples: Sequence[Any] = _examples(train_file, config.method)
-    if val is None:
-        train_set, val_set = split(examples, val_fraction, config.seed)
-        files["val"] = {"split_from": "train", "fraction": val_fraction, "seed": config.seed}
-    else:
-        val_file = load_examples(val)
-        files["val"] = val_file.fingerprint()
-        train_set, val_set = tuple(examples), tuple(_examples(val_file, config.method))
-    test_set: tuple[Any, ...] | None = None
-    if test is not None:
-        test_file = load_examples(test)
-        files["test"] = test_file.fingerprint()
-        test_set = tuple(test_file.examples)
-    report = find_overlaps(train_set, val_set, test_set)
+    splits = load_splits(data, config.method, val=val, test=test, val_fraction=val_fraction, seed=config.seed)
+    train_set, val_set, report = splits.train, splits.val, splits.report
     _report(report, console)
-    files["overlaps"] = report.to_dict()
+    files: dict[str, Any] = {**splits.files, "overlaps": report.to_dict()}
     report.raise_if_above(max_overlap)
     console.print(f"training on {len(train_set)} examples, validating on {len(val_set)}")
     if config.method == "dpo":
         rows = [pair_row(e) for e in train_set], [pair_row(e) for e in val_set]
-        return train_dpo(config, *rows, data_files=files, resume=resume, console=console)
+        return train_dpo(config, *rows, data_files=files, resume=resume, console=console, callbacks=callbacks)
     rows = [chat_row(e) for e in train_set], [chat_row(e) for e in val_set]
-    return train_sft(config, *rows, data_files=files, resume=resume, console=console)
+    return train_sft(config, *rows, data_files=files, resume=resume, console=console, callbacks=callbacks)

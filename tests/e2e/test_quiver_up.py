@@ -55,7 +55,7 @@ def test_up_starts_vllm_serves_pushes_and_stops_both_on_ctrl_c(
         _, headers = greedy(url, name)
         assert headers["x-quiver-served-by"] == f"{name}@v2"
 
-        aliased = quiver("adapters", "alias", name, "prod", "1", env=env)
+        aliased = quiver("adapters", "alias", name, "prod", "1", "--force", env=env)
         assert aliased.returncode == 0, aliased.stderr
         wait_until(
             lambda: greedy(url, name, max_tokens=1)[1]["x-quiver-served-by"] == f"{name}@v1",

@@ -47,13 +47,15 @@ def test_model_strings_and_alias_switch(gateway: GatewayServer, lora_dirs: tuple
     _, headers = greedy(gateway.url, name)
     assert headers["x-quiver-served-by"] == f"{name}@v2", "no prod alias: the name means the latest version"
 
-    assert httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 1}).status_code == 200
+    moved = httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 1, "force": True})
+    assert moved.status_code == 200
     text, headers = greedy(gateway.url, name)
     assert headers["x-quiver-served-by"] == f"{name}@v1" and text == v1
     _, headers = greedy(gateway.url, f"{name}@prod")
     assert headers["x-quiver-served-by"] == f"{name}@v1"
 
-    assert httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 2}).status_code == 200
+    moved = httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 2, "force": True})
+    assert moved.status_code == 200
     text, headers = greedy(gateway.url, name)
     assert headers["x-quiver-served-by"] == f"{name}@v2" and text == v2
 
@@ -108,7 +110,7 @@ def test_request_in_flight_finishes_on_its_version_when_the_alias_moves(
     push(gateway.url, name, lora_dirs[0])
     push(gateway.url, name, lora_dirs[1])
     push(gateway.url, other, lora_dirs[2])
-    httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 1})
+    httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 1, "force": True})
     expected, _ = greedy(gateway.url, name, max_tokens=48)
 
     body = {"model": name, "messages": QUESTION, "max_tokens": 48, "temperature": 0, "seed": 0, "stream": True}
@@ -118,7 +120,7 @@ def test_request_in_flight_finishes_on_its_version_when_the_alias_moves(
         lines = response.iter_lines()
         first = next(line for line in lines if line.startswith("data: {"))
         # Mid-stream: move the alias, and use two other adapters so the LRU (2 slots) must evict.
-        moved = httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 2})
+        moved = httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 2, "force": True})
         assert moved.status_code == 200
         assert greedy(gateway.url, name, max_tokens=1)[1]["x-quiver-served-by"] == f"{name}@v2"
         # v1 is the least recently used, but in use: the LRU must evict v2 instead.

@@ -98,7 +98,7 @@ def test_registry_api_round_trip(gateway: GatewayServer, lora_dirs: tuple[Path, 
     assert again.json()["version"]["sha256"] == first.json()["version"]["sha256"]
     assert push(url, "support", lora_dirs[1]).json()["version"]["version"] == 2
 
-    assert httpx.put(f"{url}/v1/adapters/support/aliases/prod", json={"version": 1}).status_code == 200
+    assert httpx.put(f"{url}/v1/adapters/support/aliases/prod", json={"version": 1, "force": True}).status_code == 200
     missing = httpx.put(f"{url}/v1/adapters/support/aliases/prod", json={"version": 9})
     assert missing.status_code == 404 and "v9" in error_of(missing)["message"]
     assert httpx.put(f"{url}/v1/adapters/support/aliases/prod", json={"version": "one"}).status_code == 400

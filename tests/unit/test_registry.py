@@ -6,6 +6,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -189,7 +190,7 @@ def test_registry_persists_across_reopen(
 ) -> None:
     with Registry.open(database_url, store, base=base) as first:
         first.push_dir("a", adapters_dir / "seed0")
-        first.set_alias("a", "prod", 1)
+        first.set_alias("a", "prod", 1, force=True)
         revision = first.revision()
     with Registry.open(database_url, store, base=base) as second:
         assert second.resolve("a@prod").number == 1
@@ -275,7 +276,7 @@ def test_archive_over_the_limits_is_refused(
 def test_invalid_names_are_refused_with_the_rule(
     name: str, registry: Registry, adapters_dir: Path, store: Path
 ) -> None:
-    with pytest.raises(InvalidRequest, match=r"\^\[a-z0-9\]\[a-z0-9\._-\]\{0,63\}\$") as caught:
+    with pytest.raises(InvalidRequest, match=r"\^\[a-z0-9\]\[a-z0-9\._:-\]\{0,63\}\$") as caught:
         registry.push_dir(name, adapters_dir / "seed0")
     assert caught.value.param == "name"
     assert_empty(registry, store, 0)
@@ -306,7 +307,7 @@ def three_versions(registry: Registry, adapters_dir: Path) -> Registry:
 def test_bare_name_means_prod_else_latest(three_versions: Registry) -> None:
     reg = three_versions
     assert reg.resolve("bot").number == 3
-    adapter = reg.set_alias("bot", "prod", 2)
+    adapter = reg.set_alias("bot", "prod", 2, force=True)
     assert dict(adapter.aliases) == {"prod": 2}
     assert reg.resolve("bot").number == 2
     assert reg.resolve("bot@prod").number == 2
@@ -315,6 +316,8 @@ def test_bare_name_means_prod_else_latest(three_versions: Registry) -> None:
 
 def test_rollback_moves_the_alias_back(three_versions: Registry) -> None:
     reg = three_versions
+    for number in (2, 3):
+        reg.record_evaluation("bot", number, passing_report())
     reg.set_alias("bot", "prod", 2)
     reg.set_alias("bot", "prod", 3)
     assert reg.resolve("bot").lora_name == "bot@v3"
@@ -433,3 +436,69 @@ def test_snapshot_is_consistent_and_tagged(three_versions: Registry) -> None:
     assert catalog.resolve("bot").number == 1  # a snapshot does not change under its reader
     assert reg.snapshot().resolve("bot").number == 3
     assert reg.snapshot().revision > catalog.revision
+
+
+# -- the promotion gate ------------------------------------------------------------------------
+
+
+def report(adapter: float, rag: float, few_shot: float = 10.0) -> dict[str, Any]:
+    """An eval report as ``quiver eval`` stores it (the keys the gate reads)."""
+    scores = {"adapter": adapter, "base_prompt": 0.0, "few_shot": few_shot, "rag": rag}
+    best = max(("base_prompt", "few_shot", "rag"), key=lambda name: scores[name])
+    return {"metric": "json_field_accuracy", "scores": scores, "best_baseline": best, "margin": adapter - scores[best]}
+
+
+def passing_report() -> dict[str, Any]:
+    return report(adapter=90.0, rag=60.0)
+
+
+def test_prod_needs_an_eval_report(three_versions: Registry) -> None:
+    with pytest.raises(Conflict, match="bot@v2 has no eval report; run `quiver eval bot@v2") as caught:
+        three_versions.set_alias("bot", "prod", 2)
+    assert caught.value.code == "promotion_refused" and caught.value.status_code == 409
+    assert dict(three_versions.adapter("bot").aliases) == {}
+
+
+def test_prod_refuses_a_version_that_does_not_beat_the_best_baseline_by_the_margin(three_versions: Registry) -> None:
+    three_versions.record_evaluation("bot", 2, report(adapter=64.0, rag=60.0, few_shot=30.0))
+    with pytest.raises(Conflict) as caught:
+        three_versions.set_alias("bot", "prod", 2)
+    assert caught.value.message == (
+        "promotion to bot@prod refused: bot@v2 scores 64.0 on json_field_accuracy against 60.0 for the best "
+        "baseline (rag): +4.0 points, below the 5-point promotion margin (force the promotion to override)"
+    )
+    # Other aliases are not gated: staging is where candidates wait.
+    assert dict(three_versions.set_alias("bot", "staging", 2).aliases) == {"staging": 2}
+
+
+def test_a_passing_report_promotes_and_force_overrides(three_versions: Registry) -> None:
+    reg = three_versions
+    reg.record_evaluation("bot", 2, passing_report())
+    assert dict(reg.set_alias("bot", "prod", 2).aliases) == {"prod": 2}
+    assert dict(reg.set_alias("bot", "prod", 3, force=True).aliases) == {"prod": 3}
+
+
+def test_the_newest_report_is_the_one_that_counts(three_versions: Registry) -> None:
+    reg = three_versions
+    reg.record_evaluation("bot", 1, passing_report())
+    reg.record_evaluation("bot", 1, report(adapter=50.0, rag=60.0))
+    assert reg.resolve("bot@v1").evaluation == report(adapter=50.0, rag=60.0)
+    assert reg.resolve("bot@v2").evaluation is None
+    with pytest.raises(Conflict, match=r"-10.0 points"):
+        reg.set_alias("bot", "prod", 1)
+
+
+def test_the_margin_is_configurable(database_url: str, store: Path, base: BaseModelSpec, adapters_dir: Path) -> None:
+    with Registry.open(database_url, store, base=base, promotion_margin=0.0) as reg:
+        reg.push_dir("bot", adapters_dir / "seed0")
+        reg.record_evaluation("bot", 1, report(adapter=60.0, rag=60.0))
+        assert dict(reg.set_alias("bot", "prod", 1).aliases) == {"prod": 1}
+
+
+def test_reports_need_an_existing_version_and_go_with_it(three_versions: Registry) -> None:
+    reg = three_versions
+    with pytest.raises(NotFound, match="no version v9"):
+        reg.record_evaluation("bot", 9, passing_report())
+    reg.record_evaluation("bot", 1, passing_report())
+    reg.delete_version("bot", 1)
+    assert [v.evaluation for v in reg.adapter("bot").versions] == [None, None]

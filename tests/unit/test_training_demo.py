@@ -37,8 +37,8 @@ def test_splits_are_openai_chat_of_the_requested_sizes(demo: DemoFiles) -> None:
         data = load_examples(path)
         assert data.format is DataFormat.OPENAI_CHAT and len(data) == size
         for example in data.chat_examples():
-            assert [m.role for m in example.messages] == ["system", "user", "assistant"]
-            assert example.messages[0].content == SYSTEM_PROMPT
+            # The adapter learns the behaviour: its data needs no instructions.
+            assert [m.role for m in example.messages] == ["user", "assistant"]
 
 
 def test_no_message_leaks_between_splits(demo: DemoFiles) -> None:

@@ -1,0 +1,35 @@
+"""Multipart uploads with a size limit: refused from the declared length before parsing, enforced while copying."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+
+from quiver.errors import LengthRequired, PayloadTooLarge
+
+# Multipart boundaries and the small form fields on top of the file itself.
+FORM_OVERHEAD = 64 * 1024
+
+
+def check_length(request: Request, limit: int, what: str) -> None:
+    """Refuse an upload of ``what`` that does not declare its length, or declares more than ``limit``."""
+    # Refuse before the multipart body is read: parsing it spools every byte to disk.
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():
+        raise LengthRequired(f"{what} need a Content-Length header")
+    if int(declared) > limit + FORM_OVERHEAD:
+        raise PayloadTooLarge(f"upload is larger than the {limit}-byte limit", param="file")
+
+
+def spool(upload: UploadFile, target: Path, limit: int) -> Path:
+    """Copy the upload to ``target``, enforcing the size limit while copying (the declared length may lie)."""
+    copied = 0
+    with target.open("wb") as out:
+        while chunk := upload.file.read(1 << 20):
+            copied += len(chunk)
+            if copied > limit:
+                raise PayloadTooLarge(f"upload is larger than the {limit}-byte limit", param="file")
+            out.write(chunk)
+    return target

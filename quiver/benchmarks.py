@@ -1,0 +1,64 @@
+"""Where benchmark results go: one JSON file per day in ``bench/results/`` and ``BENCHMARKS.md``.
+
+Every benchmark owns one key of the day's JSON and one ``## `` section of BENCHMARKS.md and rewrites only
+those, so ``quiver bench --only training`` leaves the gateway's last numbers in place and vice versa.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+PREAMBLE = (
+    "# Benchmarks\n\n"
+    "Written by `make bench` (`quiver bench`; `quiver bench --only NAME` reruns one section). Every comparison\n"
+    "measures both sides in the same run, alternating them, so drift on the machine hits both alike. Each\n"
+    "section says when and where it was measured."
+)
+
+
+def record(out_dir: Path, results: Mapping[str, Any], heading: str, section: str, now: datetime | None = None) -> Path:
+    """Merge ``results`` into today's JSON and put ``section`` under ``## heading`` in BENCHMARKS.md.
+
+    BENCHMARKS.md lives two levels above ``out_dir`` (the repository root for ``bench/results``).
+    Returns the JSON file's path.
+    """
+    now = now or datetime.now(UTC)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{now:%Y-%m-%d}.json"
+    payload: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    payload.update(
+        {"created": now.isoformat(), "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    )
+    payload.update(results)
+    _atomic_write(path, json.dumps(payload, indent=2) + "\n")
+    markdown = out_dir.parent.parent / "BENCHMARKS.md"
+    old = markdown.read_text() if markdown.is_file() else ""
+    _atomic_write(markdown, replace_section(old, heading, section))
+    return path
+
+
+def replace_section(text: str, heading: str, body: str) -> str:
+    """``text`` (a BENCHMARKS.md) with the ``## heading`` section's body replaced, or the section appended."""
+    sections = re.split(r"(?m)^(?=## )", text)[1:]
+    new = f"## {heading}\n\n{body.strip()}"
+    kept = [s.strip() for s in sections]
+    titles = [s.splitlines()[0] for s in kept]
+    if f"## {heading}" in titles:
+        kept[titles.index(f"## {heading}")] = new
+    else:
+        kept.append(new)
+    return "\n\n".join([PREAMBLE, *kept]) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    # A reader (or a crash) never sees half a file: write beside it, then rename over it.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

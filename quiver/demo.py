@@ -1,0 +1,115 @@
+"""``quiver demo`` (``make demo-adapter``): generate the support-triage task, train it, evaluate it, push it.
+
+The adapter is evaluated through a gateway: the one ``quiver up`` serves when it answers, else a
+``quiver up`` started for the evaluation (on free ports, with the same data directory) and stopped after.
+It is promoted to ``support-triage@prod`` only if the eval gate lets it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+
+from gateway.settings import Settings
+from quiver.errors import Conflict, QuiverError
+from quiver.vllm_server import free_port
+
+DEMO_ADAPTER = "support-triage"
+# Sized to train on a 2-core CPU within the 10-minute budget (see README, "The demo adapter").
+DEMO_RECIPE: dict[str, Any] = {"max_steps": 100, "lr": 4e-4, "batch_size": 8, "rank": 16, "alpha": 32}
+DEMO_SIZES = {"n_train": 1000, "n_val": 100, "n_test": 200}
+
+
+class DemoFailed(QuiverError):
+    """The demo could not run to the end (no gateway came up)."""
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/v1/models", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def gateway_for_eval(settings: Settings, console: Console, timeout_s: float = 600) -> Iterator[str]:
+    """The URL of a gateway over this data directory: the running one, or one started until the block ends."""
+    url = f"http://{settings.host}:{settings.port}"
+    if _answers(url):
+        yield url
+        return
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = settings.data_dir / "logs" / "demo-up.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "QUIVER_PORT": str(port), "QUIVER_VLLM_PORT": str(free_port())}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "quiver.cli", "up"], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        deadline = time.monotonic() + timeout_s
+        with console.status(f"No gateway at {settings.host}:{settings.port}; starting one for the eval"):
+            while not _answers(url):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise DemoFailed(f"the gateway for the eval did not come up; see {log}")
+                time.sleep(1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def run(settings: Settings, base_dir: Path, out: Path, console: Console) -> dict[str, Any]:
+    """Generate, train, push, evaluate and (if the gate allows) promote; returns the eval report."""
+    from adapters import BaseModelSpec
+    from gateway.app import open_registry
+    from training.config import TrainConfig
+    from training.demo import write_demo
+    from training.eval import TaskSpec, evaluate, report_table
+    from training.train import train
+
+    data = write_demo(out / f"{DEMO_ADAPTER}-data", **DEMO_SIZES)
+    console.print(f"demo task written to {data.train.parent} (train/val/test + dataset_spec.json)")
+    config = TrainConfig(
+        base_model=base_dir,
+        output_dir=out / DEMO_ADAPTER,
+        max_lora_rank=settings.max_lora_rank,
+        **DEMO_RECIPE,
+    )
+    started = time.monotonic()
+    result = train(config, data.train, val=data.val, test=data.test, console=console)
+    training_seconds = round(time.monotonic() - started, 1)
+    console.print(f"trained in {training_seconds:.0f} s ({result.global_step} steps)")
+    registry = open_registry(settings, BaseModelSpec.from_model_dir(base_dir, settings.base_model))
+    try:
+        version = registry.push_dir(DEMO_ADAPTER, result.adapter_dir).version
+        console.print(f"pushed [bold]{version.lora_name}[/]")
+        with gateway_for_eval(settings, console) as url:
+            report = evaluate(
+                version.lora_name, data.test, data.train, base_url=url, spec=TaskSpec.from_file(data.spec),
+                console=console,
+            )  # fmt: skip
+        report["training_seconds"] = training_seconds
+        registry.record_evaluation(version.name, version.number, report)
+        console.print(report_table(report, registry.promotion_margin))
+        try:
+            registry.set_alias(version.name, "prod", version.number)
+            console.print(f"promoted: {DEMO_ADAPTER} (= {DEMO_ADAPTER}@prod) now answers with {version.lora_name}")
+        except Conflict as exc:
+            console.print(f"[yellow]not promoted[/]: {exc.message}")
+    finally:
+        registry.close()
+    return report
