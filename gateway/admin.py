@@ -14,32 +14,15 @@ from starlette.datastructures import UploadFile
 from adapters import Adapter, AdapterVersion
 from gateway.deps import GatewayDep
 from gateway.protocol import AdapterList, AdapterPublic, AliasUpdate, PushPublic, VersionPublic
-from gateway.uploads import check_length, spool
+from gateway.uploads import check_length, form_schema, spool
 from quiver.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1/adapters")
 
-_UPLOAD_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["name", "file"],
-                    "properties": {
-                        "name": {"type": "string", "description": "Adapter name"},
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": ".tar.gz or .zip of a PEFT adapter directory",
-                        },
-                    },
-                }
-            }
-        },
-    }
-}
+_UPLOAD_SCHEMA = form_schema(
+    name={"type": "string", "description": "Adapter name"},
+    file={"type": "string", "format": "binary", "description": ".tar.gz or .zip of a PEFT adapter directory"},
+)
 
 
 def version_public(version: AdapterVersion, aliases: dict[str, int], *, manifest: bool = False) -> VersionPublic:

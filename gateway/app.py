@@ -104,12 +104,13 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         gateway = await _build(settings, transport)
         app.state.gateway = gateway
         app.state.fine_tuning = await fine_tuning.FineTuning.start(settings, base_model_dir(settings, gateway.replica))
-        await gateway.monitor.check()
-        tasks = [
-            asyncio.create_task(gateway.monitor.watch(settings.health_interval_s), name="vllm-monitor"),
-            asyncio.create_task(gateway.registry.watch(settings.registry_refresh_s), name="registry-refresh"),
-        ]
+        tasks: list[asyncio.Task[None]] = []
         try:
+            await gateway.monitor.check()
+            tasks = [
+                asyncio.create_task(gateway.monitor.watch(settings.health_interval_s), name="vllm-monitor"),
+                asyncio.create_task(gateway.registry.watch(settings.registry_refresh_s), name="registry-refresh"),
+            ]
             yield
         finally:
             for task in tasks:

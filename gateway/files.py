@@ -15,29 +15,16 @@ from starlette.datastructures import UploadFile
 from gateway.deps import GatewayDep
 from gateway.fine_tuning import FineTuningDep
 from gateway.protocol import FileDeleted, FileList, FilePublic
-from gateway.uploads import check_length, spool
+from gateway.uploads import check_length, form_schema, spool
 from quiver.errors import InvalidRequest
 from training.files import PURPOSE_FINE_TUNE, FileStore, StoredFile, upload_name
 
 router = APIRouter(prefix="/v1/files")
 
-_UPLOAD_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["purpose", "file"],
-                    "properties": {
-                        "purpose": {"type": "string", "enum": [PURPOSE_FINE_TUNE]},
-                        "file": {"type": "string", "format": "binary", "description": "Training data, .jsonl"},
-                    },
-                }
-            }
-        },
-    }
-}
+_UPLOAD_SCHEMA = form_schema(
+    purpose={"type": "string", "enum": [PURPOSE_FINE_TUNE]},
+    file={"type": "string", "format": "binary", "description": "Training data, .jsonl"},
+)
 
 
 def file_public(file: StoredFile) -> FilePublic:

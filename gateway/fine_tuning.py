@@ -79,13 +79,18 @@ class FineTuning:
                 exit_with_parent=True,
             )
             workers = WorkerPool(config, settings.fine_tuning_workers, jobs, settings.data_dir / "logs")
-            await anyio.to_thread.run_sync(workers.start)
         fine_tuning = cls(jobs, workers, settings.fine_tuning_stop_timeout_s)
-        if workers is not None:
-            fine_tuning._watch = asyncio.create_task(workers.watch(), name="fine-tuning-workers")
-        # Jobs a stopped gateway left half-way: their files are checked now.
-        for job_id in await fine_tuning.call(jobs.pending_validation):
-            fine_tuning.validate_soon(job_id)
+        try:
+            if workers is not None:
+                await anyio.to_thread.run_sync(workers.start)
+                fine_tuning._watch = asyncio.create_task(workers.watch(), name="fine-tuning-workers")
+            # Jobs a stopped gateway left half-way: their files are checked now.
+            for job_id in await fine_tuning.call(jobs.pending_validation):
+                fine_tuning.validate_soon(job_id)
+        except BaseException:
+            # A gateway that fails to start must not leave worker processes or connections behind.
+            await fine_tuning.stop()
+            raise
         return fine_tuning
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
@@ -113,10 +118,12 @@ class FineTuning:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
-        await self.validations_done()
-        if self.workers is not None:
-            await self.workers.stop(self._stop_timeout_s)
-        await self.call(self.jobs.close)
+        try:
+            await self.validations_done()
+            if self.workers is not None:
+                await self.workers.stop(self._stop_timeout_s)
+        finally:
+            await self.call(self.jobs.close)
 
 
 async def fine_tuning_of(request: Request) -> FineTuning:

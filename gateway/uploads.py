@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
@@ -11,6 +12,12 @@ from quiver.errors import LengthRequired, PayloadTooLarge
 
 # Multipart boundaries and the small form fields on top of the file itself.
 FORM_OVERHEAD = 64 * 1024
+
+
+def form_schema(**fields: dict[str, Any]) -> dict[str, Any]:
+    """The ``openapi_extra`` that documents a multipart body whose fields (name: JSON schema) are all required."""
+    schema = {"type": "object", "required": list(fields), "properties": fields}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 def check_length(request: Request, limit: int, what: str) -> None:

@@ -8,8 +8,8 @@ OpenAI API shows them; ``seq`` orders rows for cursor pagination (``after=<id>``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -29,23 +29,42 @@ from sqlalchemy import (
     UniqueConstraint,
     select,
 )
+from sqlalchemy.schema import SchemaItem
 
 from adapters import db as registry_db
 from quiver.errors import NotFound
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 metadata = MetaData()
 
 T = TypeVar("T")
+D = TypeVar("D", bound="DataclassInstance")
 
 # A job's status moves validating_files -> queued -> running -> succeeded | failed | cancelled.
 ACTIVE_STATUSES = ("validating_files", "queued", "running")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
-files = Table(
+
+def _listed(name: str, *items: SchemaItem) -> Table:
+    """A table ``page`` lists: ``seq`` orders its rows, and ``id`` is what clients (and cursors) call a row."""
+    return Table(
+        name,
+        metadata,
+        Column("seq", Integer, primary_key=True, autoincrement=True),
+        Column("id", String(40), nullable=False, unique=True),
+        *items,
+    )
+
+
+def _job_id() -> Column[str]:
+    """The job a row belongs to (events, checkpoints)."""
+    return Column("job_id", String(40), ForeignKey("fine_tuning_jobs.id"), nullable=False, index=True)
+
+
+files = _listed(
     "files",
-    metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
-    Column("id", String(40), nullable=False, unique=True),
     Column("filename", String(255), nullable=False),
     Column("purpose", String(32), nullable=False),
     Column("bytes", BigInteger, nullable=False),
@@ -58,11 +77,8 @@ files = Table(
     Column("created_at", BigInteger, nullable=False),
 )
 
-jobs = Table(
+jobs = _listed(
     "fine_tuning_jobs",
-    metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
-    Column("id", String(40), nullable=False, unique=True),
     Column("model", String(256), nullable=False),
     Column("training_file", String(40), nullable=False),
     Column("validation_file", String(40), nullable=True),
@@ -87,12 +103,9 @@ jobs = Table(
     Column("heartbeat_at", Float, nullable=True),
 )
 
-events = Table(
+events = _listed(
     "fine_tuning_events",
-    metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
-    Column("id", String(40), nullable=False, unique=True),
-    Column("job_id", String(40), ForeignKey("fine_tuning_jobs.id"), nullable=False, index=True),
+    _job_id(),
     Column("created_at", BigInteger, nullable=False),
     Column("level", String(8), nullable=False),
     Column("type", String(16), nullable=False),
@@ -100,12 +113,9 @@ events = Table(
     Column("data", JSON, nullable=True),
 )
 
-checkpoints = Table(
+checkpoints = _listed(
     "fine_tuning_checkpoints",
-    metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
-    Column("id", String(40), nullable=False, unique=True),
-    Column("job_id", String(40), ForeignKey("fine_tuning_jobs.id"), nullable=False, index=True),
+    _job_id(),
     Column("step_number", Integer, nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("fine_tuned_model_checkpoint", String(128), nullable=False),
@@ -145,10 +155,17 @@ def page(
     if where is not None:
         query = query.where(where)
     if after is not None:
-        cursor = conn.scalar(select(table.c.seq).where(table.c.id == after))
+        # The cursor must be a row of this listing: one from another job's events would page through nonsense.
+        cursor = conn.scalar(query.with_only_columns(table.c.seq).where(table.c.id == after))
         if cursor is None:
             raise NotFound(f"'after' names {after!r}, which does not exist", param="after")
         query = query.where(table.c.seq < cursor if descending else table.c.seq > cursor)
     query = query.order_by(table.c.seq.desc() if descending else table.c.seq).limit(limit + 1)
     rows = conn.execute(query).mappings().all()
     return rows[:limit], len(rows) > limit
+
+
+def from_row(cls: type[D], row: RowMapping, **computed: Any) -> D:
+    """A ``cls`` (a dataclass) whose fields are the row's columns of the same names, but for those ``computed``."""
+    named = {f.name: row[f.name] for f in fields(cls) if f.name not in computed}
+    return cls(**named, **computed)

@@ -197,14 +197,4 @@ class FileStore:
         self._store.remove(self._file(row).path.parent)
 
     def _file(self, row: RowMapping) -> StoredFile:
-        return StoredFile(
-            id=row["id"],
-            filename=row["filename"],
-            purpose=row["purpose"],
-            bytes=row["bytes"],
-            sha256=row["sha256"],
-            path=self.root / row["path"],
-            format=row["format"],
-            examples=row["examples"],
-            created_at=row["created_at"],
-        )
+        return db.from_row(StoredFile, row, path=self.root / row["path"])

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypedDict, Unpack, cast
 
 from sqlalchemy import Connection, Engine, RowMapping, insert, select, update
 
@@ -33,6 +33,7 @@ from training.splits import DEFAULT_MAX_OVERLAP, load_splits
 Method = Literal["supervised", "dpo"]
 Status = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 Level = Literal["info", "warn", "error"]
+EventType = Literal["message", "metrics"]
 
 # The registry's names are at most 64 characters (its column is VARCHAR(64)); the suffix is kept short
 # enough that ``ft:<base>:<suffix>:<job id>`` always fits with some of the base name left.
@@ -169,7 +170,7 @@ class JobEvent:
     job_id: str
     created_at: int
     level: Level
-    type: Literal["message", "metrics"]
+    type: EventType
     message: str
     data: Mapping[str, Any] | None
 
@@ -184,6 +185,34 @@ class JobCheckpoint:
     created_at: int
     fine_tuned_model_checkpoint: str
     metrics: Mapping[str, float]
+
+
+class EventKind(TypedDict, total=False):
+    """How an event shows besides its message: ``level`` (default ``info``), ``type`` (``message``), ``data``."""
+
+    level: Level
+    type: EventType
+    data: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    """The stored files a job trains and validates on."""
+
+    training: StoredFile
+    validation: StoredFile | None
+
+    @property
+    def validation_path(self) -> Path | None:
+        """Where the validation file is, if the job has one."""
+        return self.validation.path if self.validation is not None else None
+
+    def relabel(self, exc: DataError) -> DataError:
+        """``exc`` naming the files by id, the parameter at fault ``validation_file`` when only that file is named."""
+        train, val = self.training, self.validation
+        only_val = val is not None and str(val.path) in exc.message and str(train.path) not in exc.message
+        labels = {train.path: train.id, **({val.path: val.id} if val is not None else {})}
+        return relabel(exc, labels, param="validation_file" if only_val else "training_file")
 
 
 def fine_tuned_model_name(base: str, suffix: str | None, job_id: str) -> str:
@@ -264,6 +293,11 @@ class JobStore:
         with self._engine.begin() as conn:
             return self._get(conn, job_id)
 
+    def files_of(self, job: Job) -> JobFiles:
+        """The files ``job`` trains and validates on; NotFound naming the job's parameter if one is gone."""
+        validation = self.files.get(job.validation_file, param="validation_file") if job.validation_file else None
+        return JobFiles(self.files.get(job.training_file, param="training_file"), validation)
+
     def list_jobs(self, *, after: str | None = None, limit: int = 20) -> db.Page[Job]:
         """Jobs, newest first, after the job ``after``."""
         with self._engine.begin() as conn:
@@ -298,18 +332,16 @@ class JobStore:
         if job.status != "validating_files":
             return job  # cancelled meanwhile, or another gateway got there first
         try:
-            train = self.files.get(job.training_file, param="training_file")
-            val = self.files.get(job.validation_file, param="validation_file") if job.validation_file else None
-            labels = {train.path: train.id, **({val.path: val.id} if val else {})}
+            files = self.files_of(job)
             try:
-                splits = load_splits(train.path, job.training_method, val=val.path if val else None, seed=job.seed)
+                splits = load_splits(files.training.path, job.training_method, val=files.validation_path, seed=job.seed)
                 splits.report.raise_if_above(max_overlap)
             except DataError as exc:
-                only_val = val is not None and val.id in exc.message and train.id not in exc.message
-                raise relabel(exc, labels, param="validation_file" if only_val else "training_file") from None
+                raise files.relabel(exc) from None
         except QuiverError as exc:
             param = exc.param if exc.param in ("training_file", "validation_file") else "training_file"
-            self.fail(job_id, JobError(f"invalid_{param}", exc.message, param))
+            # Only from validating_files: another gateway may have validated it and a worker be running it.
+            self.fail(job_id, JobError(f"invalid_{param}", exc.message, param), from_statuses=("validating_files",))
             return self.get(job_id)
         with self._writer.begin() as conn:
             if self._move(conn, job_id, ("validating_files",), "queued", train_examples=len(splits.train)):
@@ -328,13 +360,13 @@ class JobStore:
         """Cancel a job that has not finished; a running job's worker stops after its current step."""
         with self._writer.begin() as conn:
             job = self._get(conn, job_id)
-            if job.status in db.TERMINAL_STATUSES:
+            # The move decides, not the status read above: a worker may finish the job in between.
+            if not self._move(conn, job_id, db.ACTIVE_STATUSES, "cancelled", finished_at=int(time.time())):
+                status = self._get(conn, job_id).status
                 raise Conflict(
-                    f"fine-tuning job {job_id} has already {job.status}; only a job that has not finished can be "
-                    "cancelled",
+                    f"fine-tuning job {job_id} has already {status}; only a job that has not finished can be cancelled",
                     code="job_finished",
                 )
-            self._move(conn, job_id, db.ACTIVE_STATUSES, "cancelled", finished_at=int(time.time()))
             tail = "; its worker stops after the current training step" if job.status == "running" else ""
             self._event(conn, job_id, f"Fine-tuning job cancelled{tail}")
         return self.get(job_id)
@@ -366,18 +398,10 @@ class JobStore:
             conn.execute(update(db.jobs).where(mine).values(heartbeat_at=time.time()))
             return cast(Status, conn.scalar(select(db.jobs.c.status).where(db.jobs.c.id == job_id)))
 
-    def add_event(
-        self,
-        job_id: str,
-        message: str,
-        *,
-        level: Level = "info",
-        type: Literal["message", "metrics"] = "message",
-        data: Mapping[str, Any] | None = None,
-    ) -> None:
+    def add_event(self, job_id: str, message: str, **kind: Unpack[EventKind]) -> None:
         """Append an event to a job's log."""
         with self._writer.begin() as conn:
-            self._event(conn, job_id, message, level=level, type=type, data=data)
+            self._event(conn, job_id, message, **kind)
 
     def add_checkpoint(self, job_id: str, step: int, model: str, metrics: Mapping[str, float]) -> JobCheckpoint:
         """Record a checkpoint servable as ``model`` (``name@vN``)."""
@@ -419,13 +443,20 @@ class JobStore:
                 self._event(conn, job_id, "The job has successfully completed")
             return moved
 
-    def fail(self, job_id: str, error: JobError, *, only_worker: str | None = None) -> bool:
+    def fail(
+        self,
+        job_id: str,
+        error: JobError,
+        *,
+        only_worker: str | None = None,
+        from_statuses: Sequence[str] = db.ACTIVE_STATUSES,
+    ) -> bool:
         """Mark a job that has not finished as failed with ``error``; False if it had already finished."""
         with self._writer.begin() as conn:
             moved = self._move(
                 conn,
                 job_id,
-                db.ACTIVE_STATUSES,
+                from_statuses,
                 "failed",
                 only_worker=only_worker,
                 finished_at=int(time.time()),
@@ -478,36 +509,27 @@ class JobStore:
     # -- internals --------------------------------------------------------------------------------
 
     def _check_file(self, file_id: str, param: str, method: Method) -> StoredFile:
+        def invalid(why: str) -> InvalidRequest:
+            return InvalidRequest(f"invalid {param}: {why}", param=param, code=f"invalid_{param}")
+
         try:
             file = self.files.get(file_id, param=param)
         except NotFound:
-            raise InvalidRequest(
-                f"invalid {param}: {file_id} does not exist; upload it with POST /v1/files (purpose 'fine-tune')",
-                param=param,
-                code=f"invalid_{param}",
-            ) from None
+            raise invalid(f"{file_id} does not exist; upload it with POST /v1/files (purpose 'fine-tune')") from None
         if file.purpose != PURPOSE_FINE_TUNE:
-            raise InvalidRequest(
-                f"invalid {param}: {file_id} has purpose {file.purpose!r}; fine-tuning takes files uploaded with "
-                "purpose 'fine-tune'",
-                param=param,
-                code=f"invalid_{param}",
+            raise invalid(
+                f"{file_id} has purpose {file.purpose!r}; fine-tuning takes files uploaded with purpose 'fine-tune'"
             )
         pairs = file.format == DataFormat.PREFERENCE.value
         if method == "dpo" and not pairs:
             label = DataFormat(file.format).label if file.format else "unknown"
-            raise InvalidRequest(
-                f"invalid {param}: DPO trains on preference pairs ('prompt'/'chosen'/'rejected'), but {file_id} "
-                f"holds {label} records",
-                param=param,
-                code=f"invalid_{param}",
+            raise invalid(
+                f"DPO trains on preference pairs ('prompt'/'chosen'/'rejected'), but {file_id} holds {label} records"
             )
         if method == "supervised" and pairs:
-            raise InvalidRequest(
-                f"invalid {param}: {file_id} holds preference pairs, which train with method type 'dpo'; supervised "
-                "fine-tuning trains on conversations",
-                param=param,
-                code=f"invalid_{param}",
+            raise invalid(
+                f"{file_id} holds preference pairs, which train with method type 'dpo'; supervised fine-tuning "
+                "trains on conversations"
             )
         return file
 
@@ -532,23 +554,15 @@ class JobStore:
             condition &= db.jobs.c.worker == only_worker
         return conn.execute(update(db.jobs).where(condition).values(status=to, **values)).rowcount == 1
 
-    def _event(
-        self,
-        conn: Connection,
-        job_id: str,
-        message: str,
-        *,
-        level: Level = "info",
-        type: Literal["message", "metrics"] = "message",
-        data: Mapping[str, Any] | None = None,
-    ) -> None:
+    def _event(self, conn: Connection, job_id: str, message: str, **kind: Unpack[EventKind]) -> None:
+        data = kind.get("data")
         conn.execute(
             insert(db.events).values(
                 id=f"ftevent-{secrets.token_hex(12)}",
                 job_id=job_id,
                 created_at=int(time.time()),
-                level=level,
-                type=type,
+                level=kind.get("level", "info"),
+                type=kind.get("type", "message"),
                 message=message,
                 data=dict(data) if data is not None else None,
             )
@@ -557,48 +571,19 @@ class JobStore:
 
 def _job(row: RowMapping) -> Job:
     error = row["error"]
-    return Job(
-        id=row["id"],
-        model=row["model"],
-        training_file=row["training_file"],
-        validation_file=row["validation_file"],
-        method=row["method"],
+    return db.from_row(
+        Job,
+        row,
         hyperparameters=Hyperparameters.from_dict(row["hyperparameters"]),
-        suffix=row["suffix"],
-        seed=row["seed"],
-        output_model=row["output_model"],
         metadata=row["user_metadata"],
-        status=row["status"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        fine_tuned_model=row["fine_tuned_model"],
-        trained_tokens=row["trained_tokens"],
         error=JobError(error["code"], error["message"], error.get("param")) if error else None,
         result_files=tuple(row["result_files"] or ()),
-        train_examples=row["train_examples"],
-        worker=row["worker"],
     )
 
 
 def _event(row: RowMapping) -> JobEvent:
-    return JobEvent(
-        id=row["id"],
-        job_id=row["job_id"],
-        created_at=row["created_at"],
-        level=row["level"],
-        type=row["type"],
-        message=row["message"],
-        data=row["data"],
-    )
+    return db.from_row(JobEvent, row)
 
 
 def _checkpoint(row: RowMapping) -> JobCheckpoint:
-    return JobCheckpoint(
-        id=row["id"],
-        job_id=row["job_id"],
-        step_number=row["step_number"],
-        created_at=row["created_at"],
-        fine_tuned_model_checkpoint=row["fine_tuned_model_checkpoint"],
-        metrics=row["metrics"],
-    )
+    return db.from_row(JobCheckpoint, row)

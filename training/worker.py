@@ -33,10 +33,10 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal
 
 from adapters import BaseModelSpec, Registry
-from quiver.errors import QuiverError
+from quiver.errors import NotFound, QuiverError
+from training import db
 from training.config import DEFAULT_LR, VLLM_LORA_RANKS, TrainConfig
 from training.data import DataError
-from training.files import relabel
 from training.jobs import Job, JobError, JobStore
 
 if TYPE_CHECKING:
@@ -178,6 +178,7 @@ class Worker:
     def run(self) -> None:
         """Work until ``stop``: give up on jobs of dead workers, claim the oldest queued job, run it."""
         log.info("fine-tuning worker %s polling %s", self.name, self.config.data_dir)
+        self._sweep_runs()
         while not self._stopping.is_set():
             self._stop_if_orphaned()
             for job_id in self.jobs.reap(self.host, pid_alive, self.config.stale_after_s):
@@ -219,8 +220,7 @@ class Worker:
         from training.train import train
 
         job = run.job
-        training_file = self.jobs.files.get(job.training_file, param="training_file")
-        validation = self.jobs.files.get(job.validation_file, param="validation_file") if job.validation_file else None
+        files = self.jobs.files_of(job)
         config = train_config(job, self.config.base_model_path, output, self.config.max_lora_rank)
         # A job back from the queue resumes from its last checkpoint; an adapter written as it stopped is stale.
         shutil.rmtree(config.adapter_dir, ignore_errors=True)
@@ -231,17 +231,10 @@ class Worker:
             lambda directory, step, metrics: self._checkpoint(job, directory, step, metrics),
             lambda: run.stop_reason() is not None,
         )
-        labels = {training_file.path: training_file.id, **({validation.path: validation.id} if validation else {})}
         try:
-            result = train(
-                config,
-                training_file.path,
-                val=validation.path if validation else None,
-                resume=resume,
-                callbacks=[reporter],
-            )
+            result = train(config, files.training.path, val=files.validation_path, resume=resume, callbacks=[reporter])
         except DataError as exc:
-            raise relabel(exc, labels, param="training_file") from None
+            raise files.relabel(exc) from None
         except ModuleNotFoundError as exc:
             # TRL, datasets and friends are imported as training starts; `make up` installs no training extra.
             raise QuiverError(
@@ -255,15 +248,24 @@ class Worker:
         if reason is not None:
             self.jobs.add_event(job.id, f"Training stopped at step {result.global_step}: the job is {reason}")
             return False
-        pushed = self._registry_of(job).push_dir(job.output_model, result.adapter_dir)
-        results = self.jobs.files.add_result_file("step_metrics.csv", metrics_csv(result))
-        tokens = int(result.manifest.result.get("input_tokens") or 0)
-        finished = self.jobs.succeed(
-            job.id, self.name, fine_tuned_model=job.output_model, trained_tokens=tokens, result_files=[results.id]
-        )
-        if not finished and pushed.created:
-            # Cancelled while the adapter was being pushed: a cancelled job leaves no final model behind.
-            self._registry_of(job).delete_version(job.output_model, pushed.version.number)
+        registry = self._registry_of(job)
+        pushed = registry.push_dir(job.output_model, result.adapter_dir)
+        results = None
+        finished = False
+        try:
+            results = self.jobs.files.add_result_file("step_metrics.csv", metrics_csv(result))
+            tokens = int(result.manifest.result.get("input_tokens") or 0)
+            finished = self.jobs.succeed(
+                job.id, self.name, fine_tuned_model=job.output_model, trained_tokens=tokens, result_files=[results.id]
+            )
+        finally:
+            # Cancelled or given up on meanwhile, or storing the results failed: an unfinished job leaves no
+            # final model and no results behind.
+            if not finished:
+                if results is not None:
+                    self.jobs.files.delete(results.id)
+                if pushed.created:
+                    registry.delete_version(job.output_model, pushed.version.number)
         return False
 
     def _checkpoint(self, job: Job, directory: Path, step: int, metrics: Mapping[str, float]) -> None:
@@ -289,6 +291,18 @@ class Worker:
                 self.config.database_url, self.config.store_dir, base=base, max_lora_rank=self.config.max_lora_rank
             )
         return self._registry
+
+    def _sweep_runs(self) -> None:
+        """Delete the scratch space of finished jobs: a worker killed mid-run (kill -9) leaves its run behind."""
+        runs = self.config.data_dir / RUNS_DIR
+        for run in sorted(runs.iterdir()) if runs.is_dir() else ():
+            try:
+                finished = self.jobs.get(run.name).status in db.TERMINAL_STATUSES
+            except NotFound:
+                finished = True
+            if finished:
+                log.info("removing %s, left behind by a worker that stopped without finishing it", run)
+                shutil.rmtree(run, ignore_errors=True)
 
     def _stop_if_orphaned(self) -> None:
         if self._parent is not None and os.getppid() != self._parent:

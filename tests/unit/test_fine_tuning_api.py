@@ -177,6 +177,10 @@ async def test_jobs_list_newest_first_in_pages(client: AsyncOpenAI) -> None:
     assert [j.id async for j in client.fine_tuning.jobs.list(limit=1)] == ids[::-1], "the client pages through"
     with pytest.raises(openai.NotFoundError):
         await client.fine_tuning.jobs.retrieve("ftjob-nope")
+    other = (await client.fine_tuning.jobs.list_events(ids[0])).data[0].id
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.fine_tuning.jobs.list_events(ids[1], after=other)
+    assert caught.value.body["param"] == "after", "a cursor from another job's events is refused"  # type: ignore[index]
 
 
 async def test_a_dpo_job_takes_preference_pairs_and_beta(client: AsyncOpenAI, app: FastAPI) -> None:

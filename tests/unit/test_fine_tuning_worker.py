@@ -190,6 +190,42 @@ def test_a_stopping_worker_requeues_its_job_which_resumes_from_its_checkpoint(
     assert [c.step_number for c in store.checkpoints(job.id).items] == [6, 4, 2]
 
 
+class CancelAsItSucceeds(JobStore):
+    """The store, with the job cancelled just before its worker records success (the model already pushed)."""
+
+    def succeed(self, job_id: str, worker: str, **kwargs: Any) -> bool:
+        self.cancel(job_id)
+        return super().succeed(job_id, worker, **kwargs)
+
+
+def test_a_job_cancelled_as_it_finishes_leaves_no_model_or_results(tiny_base: Path, tmp_path: Path) -> None:
+    store = CancelAsItSucceeds.open(f"sqlite:///{tmp_path / 'quiver.db'}", tmp_path)
+    worker = Worker(worker_config(tmp_path, tiny_base), store)
+    try:
+        job = queued_job(store, n_epochs=1, batch_size=4)  # 2 steps, one checkpoint
+        worker.run_job(claim(worker, job))
+        done = store.get(job.id)
+        assert done.status == "cancelled" and done.fine_tuned_model is None and done.result_files == ()
+        assert [f.purpose for f in store.files.list_files().items] == ["fine-tune"], "no results file is left"
+        with Registry.open(f"sqlite:///{tmp_path / 'quiver.db'}", tmp_path / "adapters") as registry:
+            versions = registry.adapter(job.output_model).versions
+        assert [v.number for v in versions] == [1], "the checkpoint stays; the final model is gone"
+    finally:
+        worker.close()
+
+
+def test_a_starting_worker_removes_the_runs_of_finished_jobs(store: JobStore, tmp_path: Path) -> None:
+    finished, waiting = queued_job(store), queued_job(store)
+    store.cancel(finished.id)
+    runs = tmp_path / RUNS_DIR
+    for job_id in (finished.id, waiting.id, "ftjob-unknown"):  # as a worker killed with SIGKILL leaves them
+        (runs / job_id / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    worker = Worker(worker_config(tmp_path, tmp_path), store)
+    worker.stop()
+    worker.run()
+    assert [p.name for p in runs.iterdir()] == [waiting.id], "a queued job keeps its checkpoint to resume from"
+
+
 def test_jobs_of_dead_or_silent_workers_fail_with_the_reason(any_store: JobStore) -> None:
     store = any_store
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
