@@ -25,8 +25,11 @@ from quiver.vllm_server import free_port
 
 DEMO_ADAPTER = "support-triage"
 # Sized to train on a 2-core CPU within the 10-minute budget (see README, "The demo adapter").
-DEMO_RECIPE: dict[str, Any] = {"max_steps": 100, "lr": 4e-4, "batch_size": 8, "rank": 16, "alpha": 32}
+DEMO_RECIPE: dict[str, Any] = {"max_steps": 60, "lr": 4e-4, "batch_size": 8, "rank": 16, "alpha": 32}
 DEMO_SIZES = {"n_train": 1000, "n_val": 100, "n_test": 200}
+# General requests answered by the base itself, mixed into training against forgetting (each REPLAY_COPIES times).
+REPLAY_PROMPTS = 52
+REPLAY_COPIES = 3
 
 
 class DemoFailed(QuiverError):
@@ -72,12 +75,34 @@ def gateway_for_eval(settings: Settings, console: Console, timeout_s: float = 60
             process.kill()
 
 
+def base_answers(url: str, prompts: list[str], console: Console) -> list[tuple[str, str]]:
+    """The base model's greedy answers through the gateway; answers cut off by the length limit are dropped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="quiver", timeout=300)
+
+    def ask(prompt: str) -> tuple[str, str] | None:
+        reply = client.chat.completions.create(
+            model="base", messages=[{"role": "user", "content": prompt}], temperature=0.0, max_tokens=160
+        )
+        choice = reply.choices[0]
+        return (prompt, choice.message.content or "") if choice.finish_reason == "stop" else None
+
+    with console.status(f"asking the base model {len(prompts)} general questions (replay data)"):
+        with ThreadPoolExecutor(8) as pool:
+            answers = [a for a in pool.map(ask, prompts) if a is not None and a[1].strip()]
+    client.close()
+    return answers
+
+
 def run(settings: Settings, base_dir: Path, out: Path, console: Console) -> dict[str, Any]:
     """Generate, train, push, evaluate and (if the gate allows) promote; returns the eval report."""
     from adapters import BaseModelSpec
     from gateway.app import open_registry
     from training.config import TrainConfig
-    from training.demo import write_demo
+    from training.demo import replay_prompts, write_demo, write_replay
     from training.eval import TaskSpec, evaluate, report_table
     from training.train import train
 
@@ -89,15 +114,20 @@ def run(settings: Settings, base_dir: Path, out: Path, console: Console) -> dict
         max_lora_rank=settings.max_lora_rank,
         **DEMO_RECIPE,
     )
-    started = time.monotonic()
-    result = train(config, data.train, val=data.val, test=data.test, console=console)
-    training_seconds = round(time.monotonic() - started, 1)
-    console.print(f"trained in {training_seconds:.0f} s ({result.global_step} steps)")
     registry = open_registry(settings, BaseModelSpec.from_model_dir(base_dir, settings.base_model))
     try:
-        version = registry.push_dir(DEMO_ADAPTER, result.adapter_dir).version
-        console.print(f"pushed [bold]{version.lora_name}[/]")
         with gateway_for_eval(settings, console) as url:
+            replay = data.train.parent / "replay.jsonl"
+            write_replay(replay, base_answers(url, replay_prompts(REPLAY_PROMPTS), console))
+            mix = data.train.parent / "train+replay.jsonl"
+            mix.write_text(data.train.read_text() + replay.read_text() * REPLAY_COPIES, encoding="utf-8")
+            started = time.monotonic()
+            result = train(config, mix, val=data.val, test=data.test, console=console)
+            training_seconds = round(time.monotonic() - started, 1)
+            console.print(f"trained in {training_seconds:.0f} s ({result.global_step} steps)")
+            version = registry.push_dir(DEMO_ADAPTER, result.adapter_dir).version
+            console.print(f"pushed [bold]{version.lora_name}[/]")
+            # Few-shot and RAG draw from the task's own examples, not the replay.
             report = evaluate(
                 version.lora_name, data.test, data.train, base_url=url, spec=TaskSpec.from_file(data.spec),
                 console=console,

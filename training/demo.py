@@ -385,3 +385,47 @@ def score_json_fields(prediction: str, reference: str) -> float:
         return a == b
 
     return sum(key in got and same(got[key], value) for key, value in expected.items()) / len(expected)
+
+
+# -- replay against forgetting -----------------------------------------------------------------------
+# Trained on triage alone, the adapter answers everything with a triage object. Mixing in the base
+# model's own answers to general requests (self-distillation) keeps it close to the base outside its task.
+# These are not the probe's questions (training.probe): the probe asks facts; these ask for explanations,
+# rewrites and small tasks, so the probe measures what carried over rather than what was rehearsed.
+_REPLAY_TEMPLATES = (
+    "Explain in one or two sentences what {thing} is.",
+    "Give me two tips for {activity}.",
+    "Write one friendly sentence to wish someone a happy {occasion}.",
+    "What is a synonym for the word '{word}'?",
+    "Describe {thing} to a child in one sentence.",
+    "Suggest a name for a {pet}.",
+)
+_REPLAY_FILLERS: Mapping[str, tuple[str, ...]] = {
+    "thing": ("a rainbow", "a volcano", "photosynthesis", "a library", "gravity", "a bicycle", "the internet",
+              "a museum", "a thunderstorm", "a recipe", "an orchestra", "a glacier"),
+    "activity": ("sleeping better", "learning a language", "running", "saving money", "studying", "cooking rice",
+                 "gardening", "public speaking"),
+    "occasion": ("birthday", "new year", "graduation", "retirement", "anniversary", "holiday"),
+    "word": ("happy", "big", "fast", "smart", "cold", "quiet", "brave", "tired"),
+    "pet": ("cat", "dog", "goldfish", "parrot", "rabbit", "hamster"),
+}  # fmt: skip
+
+
+def replay_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct general requests (fewer if the templates run out), the same for the same seed."""
+    rng = random.Random(seed)
+    prompts: list[str] = []
+    for template in _REPLAY_TEMPLATES:
+        key = template[template.index("{") + 1 : template.index("}")]
+        prompts.extend(template.format(**{key: value}) for value in _REPLAY_FILLERS[key])
+    rng.shuffle(prompts)
+    return prompts[:n]
+
+
+def write_replay(path: Path, answers: Sequence[tuple[str, str]]) -> None:
+    """Write (prompt, the base model's answer) pairs as OpenAI chat JSONL."""
+    examples = [
+        ChatExample(messages=(Message("user", q), Message("assistant", a)), source="replay", line=i + 1)
+        for i, (q, a) in enumerate(answers)
+    ]
+    _write_jsonl(path, examples)

@@ -7,16 +7,18 @@ Step counts are tiny: the point is the real path from data file to served adapte
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from typer.testing import CliRunner
 
 from gateway import Settings
 from quiver.cli import app
-from tests.integration.openai_helpers import greedy
+from tests.integration.openai_helpers import client, greedy
 from tests.servers import GatewayServer
 
 # Distinct questions: near-duplicate prompts across train and val would be refused by the leakage check.
@@ -56,6 +58,20 @@ def served_env(settings: Settings) -> dict[str, str]:
     }
 
 
+def wait_until_served(url: str, model: str, timeout_s: float = 30) -> None:
+    """The gateway notices registry writes of other processes by polling (``registry_refresh_s``): wait for it."""
+    deadline = time.monotonic() + timeout_s
+    with client(url) as openai_client:
+        while True:
+            try:
+                openai_client.models.retrieve(model)
+                return
+            except openai.NotFoundError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
 # method, peft, extra options. QLoRA on a CPU is slow (bitsandbytes dequantizes each 4-bit layer per call): one step.
 CASES: dict[str, tuple[str, str, list[str]]] = {
     "sft-lora": ("sft", "lora", ["--max-steps", "2"]),
@@ -81,6 +97,7 @@ def test_quiver_train_push_serves_the_adapter_through_the_gateway(
 
     assert result.exit_code == 0, result.output
     assert f"created {unique_name}@v1 (rank 8" in result.output
+    wait_until_served(gateway.url, unique_name)
     text, headers = greedy(gateway.url, unique_name)
     assert headers["x-quiver-served-by"] == f"{unique_name}@v1"
     assert text.strip()
