@@ -17,7 +17,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   flavour=cpu
 fi
-extras="$flavour"
+# Training is part of serving: the gateway runs the fine-tuning workers, and `quiver eval` embeds.
+extras="$flavour,training"
 [ "$want" = dev ] && extras="$flavour,training,dev"
 
 # The stamp names what was installed from which pyproject.toml; anything else means reinstall.
