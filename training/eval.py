@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from quiver.errors import InvalidRequest
+from quiver.errors import InvalidRequest, UpstreamError
 from training.data import ChatExample, DataError, Message, load_examples
 from training.demo import score_json_fields
 from training.probe import QUESTIONS, score_probe_answer
@@ -47,6 +47,8 @@ DEFAULT_K = 3
 # The promotion margin's default, in metric points (0-100).
 DEFAULT_MARGIN = 5.0
 REPORT_VERSION = 1
+# Above this share of failed requests for any system the eval is refused rather than reported.
+MAX_FAILED_SHARE = 0.05
 # Probe answers are a word or a short sentence.
 PROBE_MAX_TOKENS = 32
 
@@ -136,6 +138,7 @@ class SystemScores:
 
     scores: list[float] = field(default_factory=list)
     errors: int = 0
+    first_error: str = ""
 
     @property
     def points(self) -> float:
@@ -183,20 +186,19 @@ class Evaluator:
         """Ask each (model, messages, scorer) and collect the scores; errors are counted, not raised."""
         task = progress.add_task(label, total=len(jobs))
         result = SystemScores()
-        first_error: list[str] = []
 
         async def one(model: str, messages: list[dict[str, str]], scorer: Callable[[str], float]) -> None:
             try:
                 result.scores.append(scorer(await self.answer(model, messages, max_tokens or self.max_tokens)))
             except openai.APIError as exc:
                 result.errors += 1
-                first_error.append(str(exc))
+                result.first_error = result.first_error or str(exc)
             finally:
                 progress.advance(task)
 
         await asyncio.gather(*(one(*job) for job in jobs))
-        if first_error:
-            self.console.print(f"[yellow]{label}: {result.errors} requests failed, e.g. {first_error[0]}[/]")
+        if result.errors:
+            self.console.print(f"[yellow]{label}: {result.errors} requests failed, e.g. {result.first_error}[/]")
         return result
 
 
@@ -263,6 +265,15 @@ async def _evaluate(
                 probes[label] = await evaluator.score(
                     jobs, progress, f"general probe: {label}", max_tokens=PROBE_MAX_TOKENS
                 )
+    for name, result in (*results.items(), *probes.items()):
+        failed = result.errors / max(1, result.errors + len(result.scores))
+        if failed > MAX_FAILED_SHARE:
+            # A report from a gateway that was down or overloaded would gate promotion on noise.
+            raise UpstreamError(
+                f"{result.errors} of {result.errors + len(result.scores)} requests for {name} failed "
+                f"(e.g. {result.first_error}); no report was made",
+                code="eval_failed",
+            )
     scores = {name: results[name].points for name in SYSTEMS}
     best = max(BASELINES, key=lambda name: scores[name])
     report: dict[str, Any] = {

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from quiver.embeddings import nearest
+from quiver.errors import UpstreamError
 from tests.factories import output_of, quiet
 from training.data import ChatExample, DataError, Message
 from training.demo import SYSTEM_PROMPT, write_demo
@@ -145,3 +146,21 @@ def test_the_table_shows_every_system_and_the_verdict() -> None:
     shown = output_of(console)
     assert "base + RAG (best baseline)" in shown and "+3.0" in shown and "-2.0" in shown
     assert "does not pass the 5-point promotion margin" in " ".join(shown.split())
+
+
+def test_an_eval_whose_requests_fail_makes_no_report() -> None:
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async def run() -> dict[str, Any]:
+        client = openai.AsyncOpenAI(
+            base_url="http://gateway/v1", api_key="k", max_retries=0,
+            http_client=httpx.AsyncClient(transport=httpx.MockTransport(unreachable)),
+        )  # fmt: skip
+        train = [chat(("user", "a"), ("assistant", "b")), chat(("user", "c"), ("assistant", "d"))]
+        test = [Case(None, (Message("user", "a?"),), "b")]
+        return await _evaluate(Evaluator(client, console=quiet()), "bot@v1", test, train, TaskSpec(), 1, 0, False)
+
+    with pytest.raises(UpstreamError, match=r"1 of 1 requests for adapter failed \(e.g. Connection error.\)") as caught:
+        asyncio.run(run())
+    assert caught.value.code == "eval_failed"
