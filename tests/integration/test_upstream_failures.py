@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 
 from gateway import Settings
 from quiver.vllm_server import VllmServer
@@ -12,6 +13,8 @@ from tests.integration.openai_helpers import QUESTION, error_of, greedy, push
 from tests.servers import GatewayServer, healthy, running_gateway, wait_until
 
 
+# A vLLM restart takes 40 s on a quiet machine and several minutes when other work holds the cores.
+@pytest.mark.timeout(900)
 def test_vllm_killed_then_restarted(
     gateway: GatewayServer, vllm: VllmServer, lora_dirs: tuple[Path, ...], unique_name: str
 ) -> None:

@@ -357,7 +357,7 @@ def test_alias_to_unknown_version_or_adapter_is_not_found(three_versions: Regist
 
 def test_delete_alias(three_versions: Registry) -> None:
     reg = three_versions
-    reg.set_alias("bot", "prod", 1)
+    reg.set_alias("bot", "prod", 1, force=True)
     reg.delete_alias("bot", "prod")
     assert reg.resolve("bot").number == 3
     with pytest.raises(NotFound, match="adapter 'bot' has no alias 'prod'"):
@@ -368,13 +368,13 @@ def test_delete_alias(three_versions: Registry) -> None:
 
 def test_aliased_version_cannot_be_deleted(three_versions: Registry) -> None:
     reg = three_versions
-    reg.set_alias("bot", "prod", 2)
+    reg.set_alias("bot", "prod", 2, force=True)
     reg.set_alias("bot", "canary", 2)
     with pytest.raises(Conflict, match="bot@v2 is still pointed at by bot@canary, bot@prod") as caught:
         reg.delete_version("bot", 2)
     assert caught.value.status_code == 409
     assert reg.resolve("bot@v2").path.is_dir()
-    reg.set_alias("bot", "prod", 3)
+    reg.set_alias("bot", "prod", 3, force=True)
     reg.delete_alias("bot", "canary")
     reg.delete_version("bot", 2)
     with pytest.raises(ModelNotFound, match="bot has versions v1, v3"):
@@ -410,9 +410,9 @@ def test_every_change_bumps_the_revision(registry: Registry, adapters_dir: Path)
     changed()
     registry.push_dir("a", adapters_dir / "seed1")
     changed()
-    registry.set_alias("a", "prod", 1)
+    registry.set_alias("a", "prod", 1, force=True)
     changed()
-    registry.set_alias("a", "prod", 2)
+    registry.set_alias("a", "prod", 2, force=True)
     changed()
     registry.delete_alias("a", "prod")
     changed()
@@ -422,7 +422,7 @@ def test_every_change_bumps_the_revision(registry: Registry, adapters_dir: Path)
 
 def test_snapshot_is_consistent_and_tagged(three_versions: Registry) -> None:
     reg = three_versions
-    reg.set_alias("bot", "prod", 1)
+    reg.set_alias("bot", "prod", 1, force=True)
     catalog = reg.snapshot()
     assert catalog.revision == reg.revision()
     assert {k: v.number for k, v in catalog.model_ids().items()} == {
@@ -432,7 +432,7 @@ def test_snapshot_is_consistent_and_tagged(three_versions: Registry) -> None:
         "bot@v3": 3,
         "bot@prod": 1,
     }
-    reg.set_alias("bot", "prod", 3)
+    reg.set_alias("bot", "prod", 3, force=True)
     assert catalog.resolve("bot").number == 1  # a snapshot does not change under its reader
     assert reg.snapshot().resolve("bot").number == 3
     assert reg.snapshot().revision > catalog.revision
