@@ -8,7 +8,7 @@ registry.resolve("support-bot").path                       # the directory vLLM 
 """
 
 from adapters.archive import UploadLimits
-from adapters.catalog import Adapter, AdapterVersion, Catalog
+from adapters.catalog import Adapter, AdapterRouting, AdapterVersion, Catalog
 from adapters.registry import PushResult, Registry
 from adapters.spec import BaseModelSpec
 from adapters.validation import AdapterInfo, validate_adapter_dir
@@ -16,6 +16,7 @@ from adapters.validation import AdapterInfo, validate_adapter_dir
 __all__ = [
     "Adapter",
     "AdapterInfo",
+    "AdapterRouting",
     "AdapterVersion",
     "BaseModelSpec",
     "Catalog",

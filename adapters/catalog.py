@@ -40,6 +40,17 @@ class AdapterVersion:
 
 
 @dataclass(frozen=True)
+class AdapterRouting:
+    """How the gateway routes to an adapter (``quiver adapters set``)."""
+
+    # What ``model="auto"`` compares prompts with.
+    description: str | None = None
+    examples: tuple[str, ...] = ()
+    # Targets tried, in order, when the adapter cannot answer; None means the gateway's default chain.
+    fallback: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Adapter:
     """A named adapter: its versions (ascending by number) and aliases (alias -> version number)."""
 
@@ -47,6 +58,7 @@ class Adapter:
     versions: tuple[AdapterVersion, ...]
     aliases: Mapping[str, int]
     created_at: datetime
+    routing: AdapterRouting = AdapterRouting()
 
     @property
     def latest(self) -> AdapterVersion:

@@ -16,6 +16,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
     create_engine,
     event,
@@ -83,6 +84,19 @@ evaluations = Table(
         name="fk_evaluations_version",
         ondelete="CASCADE",
     ),
+)
+
+# How the gateway routes to an adapter: the description and example prompts ``model="auto"`` matches
+# against, and the fallback chain tried when the adapter cannot answer. A table of its own, so databases
+# made before it existed gain it from ``create_all``.
+routing = Table(
+    "adapter_routing",
+    metadata,
+    Column("adapter_name", String(64), ForeignKey("adapters.name", ondelete="CASCADE"), primary_key=True),
+    Column("description", Text, nullable=True),
+    Column("examples", JSON, nullable=False),
+    # NULL: the gateway's default chain; [] : no fallback at all.
+    Column("fallback", JSON, nullable=True),
 )
 
 # One row; every write transaction bumps it first, which also serializes writers.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,12 +16,12 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, RowMapping, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, RowMapping, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from adapters import db
 from adapters.archive import UploadLimits, extract_archive
-from adapters.catalog import VERSION_REF, Adapter, AdapterVersion, Catalog
+from adapters.catalog import VERSION_REF, Adapter, AdapterRouting, AdapterVersion, Catalog
 from adapters.promotion import DEFAULT_MARGIN, PROMOTED_ALIASES, promotion_refusal
 from adapters.spec import BaseModelSpec
 from adapters.store import LocalStore, digest
@@ -37,6 +37,13 @@ ALIAS_RULE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 # Writers are serialized by the revision row, so a collision means a writer outside that protocol;
 # a few retries are plenty.
 _WRITE_ATTEMPTS = 5
+
+
+class Unset:
+    """The type of ``UNSET``: an argument the caller left out (None is a value of its own)."""
+
+
+UNSET = Unset()
 
 
 @dataclass(frozen=True)
@@ -249,6 +256,46 @@ class Registry:
 
         return self._write(work)
 
+    def set_routing(
+        self,
+        name: str,
+        *,
+        description: str | None | Unset = UNSET,
+        examples: Sequence[str] | Unset = UNSET,
+        fallback: Sequence[str] | None | Unset = UNSET,
+    ) -> Adapter:
+        """Change how the gateway routes to ``name``; arguments left out keep their value.
+
+        ``fallback=None`` returns the adapter to the gateway's default chain; ``[]`` means no fallback.
+        """
+        for i, example in enumerate(() if isinstance(examples, Unset) else examples):
+            if not isinstance(example, str) or not example.strip():
+                raise InvalidRequest(f"examples[{i}] must be a non-empty string", param="examples")
+        if not isinstance(fallback, Unset) and fallback is not None:
+            for target in fallback:
+                if not isinstance(target, str) or not target.strip() or target.partition("@")[0] == name:
+                    raise InvalidRequest(
+                        f"fallback target {target!r} must be a model string other than the adapter itself",
+                        param="fallback",
+                    )
+
+        def work(conn: Connection) -> Adapter:
+            current = self._load_one(conn, name).routing
+            row = {
+                "description": current.description if isinstance(description, Unset) else description,
+                "examples": list(current.examples if isinstance(examples, Unset) else examples),
+                "fallback": (
+                    (list(current.fallback) if current.fallback is not None else None)
+                    if isinstance(fallback, Unset)
+                    else (list(fallback) if fallback is not None else None)
+                ),
+            }
+            if conn.execute(update(db.routing).where(db.routing.c.adapter_name == name).values(**row)).rowcount == 0:
+                conn.execute(insert(db.routing).values(adapter_name=name, **row))
+            return self._load_one(conn, name)
+
+        return self._write(work)
+
     def delete_alias(self, name: str, alias: str) -> None:
         """Remove ``name@alias``; NotFound if it does not exist."""
 
@@ -361,12 +408,17 @@ class Registry:
         aliases: dict[str, dict[str, int]] = {}
         for row in conn.execute(alias_q).mappings():
             aliases.setdefault(row["adapter_name"], {})[row["alias"]] = row["version_number"]
+        routing_q = select(db.routing)
+        if names is not None:
+            routing_q = routing_q.where(db.routing.c.adapter_name.in_(wanted))
+        routing = {r.adapter_name: _routing(r) for r in conn.execute(routing_q)}
         return [
             Adapter(
                 name=row["name"],
                 versions=tuple(versions.get(row["name"], ())),
                 aliases=MappingProxyType(dict(sorted(aliases.get(row["name"], {}).items()))),
                 created_at=_utc(row["created_at"]),
+                routing=routing.get(row["name"], AdapterRouting()),
             )
             for row in conn.execute(adapter_q).mappings()
         ]
@@ -394,6 +446,15 @@ class Registry:
             manifest=row["manifest"],
             evaluation=evaluation,
         )
+
+
+def _routing(row: Row[Any]) -> AdapterRouting:
+    fallback = row.fallback
+    return AdapterRouting(
+        description=row.description,
+        examples=tuple(row.examples or ()),
+        fallback=tuple(fallback) if fallback is not None else None,
+    )
 
 
 def _utc(value: datetime) -> datetime:

@@ -113,5 +113,5 @@ async def delete_alias(name: str, alias: str, gateway: GatewayDep) -> Response:
 async def delete_version(name: str, number: int, gateway: GatewayDep) -> Response:
     """Delete a version; refused with 409 while an alias points at it."""
     await gateway.registry.call(gateway.registry.registry.delete_version, name, number)
-    await gateway.residency.discard(f"{name}@v{number}")
+    await gateway.pool.discard(f"{name}@v{number}")
     return Response(status_code=204)

@@ -18,14 +18,17 @@ from starlette.exceptions import HTTPException
 from adapters import BaseModelSpec, Registry
 from gateway import admin, files, fine_tuning, routes
 from gateway.deps import Gateway
+from gateway.frontier import Frontier
 from gateway.health import ReplicaMonitor
 from gateway.metrics import Metrics
+from gateway.pool import Member, ReplicaPool
 from gateway.protocol import invalid_request
 from gateway.registry_view import RegistryView
 from gateway.residency import Residency
-from gateway.router import BASE_ALIAS, Router
+from gateway.router import AUTO, BASE_ALIAS, Router
 from gateway.serving import Proxy
 from gateway.settings import Settings
+from gateway.tokens import PromptMeter
 from gateway.upstream import VllmReplica
 from quiver.errors import QuiverError
 
@@ -66,7 +69,7 @@ async def _base_spec(settings: Settings, replica: VllmReplica) -> BaseModelSpec 
 def open_registry(settings: Settings, base: BaseModelSpec | None) -> Registry:
     """The registry these settings describe; the gateway and the CLI open it the same way."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    reserved = {BASE_ALIAS, "auto"} | ({settings.base_model} if settings.base_model else set())
+    reserved = {BASE_ALIAS, AUTO} | ({settings.base_model} if settings.base_model else set())
     return Registry.open(
         settings.registry_url,
         settings.adapter_store,
@@ -79,21 +82,33 @@ def open_registry(settings: Settings, base: BaseModelSpec | None) -> Registry:
 
 async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None) -> Gateway:
     metrics = Metrics()
-    replica = VllmReplica(
-        settings.vllm_url,
-        connect_timeout_s=settings.connect_timeout_s,
-        request_timeout_s=settings.request_timeout_s,
-        load_timeout_s=settings.adapter_load_timeout_s,
-        unreachable_after_s=settings.unreachable_after_s,
-        transport=transport,
+    policy = settings.routing
+    members = []
+    for i, url in enumerate(settings.vllm_urls):
+        replica = VllmReplica(
+            url,
+            name=f"r{i}",
+            connect_timeout_s=settings.connect_timeout_s,
+            request_timeout_s=settings.request_timeout_s,
+            load_timeout_s=settings.adapter_load_timeout_s,
+            unreachable_after_s=settings.unreachable_after_s,
+            transport=transport,
+        )
+        residency = Residency(replica, settings.max_loras, metrics, load_wait_s=settings.adapter_load_timeout_s)
+        members.append(Member(replica, residency, ReplicaMonitor(replica, residency, metrics)))
+    pool = ReplicaPool(
+        members,
+        saturation=settings.replica_saturation,
+        max_in_flight=settings.replica_max_in_flight,
+        placement=settings.placement,
     )
-    base = await _base_spec(settings, replica)
+    base = await _base_spec(settings, pool.first.replica)
     registry = await anyio.to_thread.run_sync(open_registry, settings, base)
     view = await anyio.to_thread.run_sync(RegistryView, registry)
-    residency = Residency(replica, settings.max_loras, metrics, load_wait_s=settings.adapter_load_timeout_s)
-    router = Router(replica, lambda: view.catalog, settings.base_model)
-    monitor = ReplicaMonitor(replica, residency, metrics)
-    return Gateway(settings, metrics, replica, residency, view, router, Proxy(router, residency, metrics), monitor)
+    frontiers = {name: Frontier(config, transport=transport) for name, config in policy.frontiers.items()}
+    router = Router(pool, lambda: view.catalog, settings.base_model, policy=policy, frontiers=frontiers)
+    proxy = Proxy(router, metrics, PromptMeter(base_model_dir(settings, pool.first.replica)))
+    return Gateway(settings, metrics, pool, view, router, proxy, frontiers)
 
 
 def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
@@ -106,9 +121,9 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         app.state.fine_tuning = await fine_tuning.FineTuning.start(settings, base_model_dir(settings, gateway.replica))
         tasks: list[asyncio.Task[None]] = []
         try:
-            await gateway.monitor.check()
+            await gateway.pool.check()
             tasks = [
-                asyncio.create_task(gateway.monitor.watch(settings.health_interval_s), name="vllm-monitor"),
+                asyncio.create_task(gateway.pool.watch(settings.health_interval_s), name="vllm-monitor"),
                 asyncio.create_task(gateway.registry.watch(settings.registry_refresh_s), name="registry-refresh"),
             ]
             yield
@@ -117,8 +132,9 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await app.state.fine_tuning.stop()
-            await gateway.residency.unload_all()
-            await gateway.replica.aclose()
+            await gateway.pool.aclose()
+            for frontier in gateway.frontiers.values():
+                await frontier.aclose()
             await anyio.to_thread.run_sync(gateway.registry.registry.close)
 
     app = FastAPI(title="Quiver", version="0.1.0", lifespan=lifespan)
@@ -129,8 +145,6 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
 
     @app.exception_handler(QuiverError)
     async def _quiver_error(request: Request, exc: QuiverError) -> JSONResponse:
-        if exc.code in ("upstream_unavailable", "upstream_unreachable"):
-            request.app.state.gateway.monitor.mark_down(exc.message)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from gateway.frontier import Frontier
 from gateway.health import ReplicaMonitor
 from gateway.metrics import Metrics
+from gateway.pool import ReplicaPool
 from gateway.registry_view import RegistryView
 from gateway.residency import Residency
 from gateway.router import Router
@@ -23,12 +25,24 @@ class Gateway:
 
     settings: Settings
     metrics: Metrics
-    replica: VllmReplica
-    residency: Residency
+    pool: ReplicaPool
     registry: RegistryView
     router: Router
     proxy: Proxy
-    monitor: ReplicaMonitor
+    frontiers: dict[str, Frontier] = field(default_factory=dict)
+
+    # The first replica's parts: the only ones in the embedded default.
+    @property
+    def replica(self) -> VllmReplica:
+        return self.pool.first.replica
+
+    @property
+    def residency(self) -> Residency:
+        return self.pool.first.residency
+
+    @property
+    def monitor(self) -> ReplicaMonitor:
+        return self.pool.first.monitor
 
 
 async def gateway_of(request: Request) -> Gateway:

@@ -65,13 +65,27 @@ class Metrics:
         )
         self.adapters_resident = Gauge(
             "quiver_adapters_resident",
-            "Adapters currently loaded in vLLM.",
+            "Adapters currently loaded in vLLM, by replica.",
+            ["replica"],
             registry=r,
         )
         self.upstream_up = Gauge(
             "quiver_upstream_up",
             "1 while vLLM answers its health check.",
             ["upstream"],
+            registry=r,
+        )
+
+        self.fallbacks = Counter(
+            "quiver_fallbacks",
+            "Requests answered by a later target of their plan, by why the earlier ones could not and who answered.",
+            ["reason", "target"],
+            registry=r,
+        )
+        self.replica_in_flight = Gauge(
+            "quiver_replica_in_flight",
+            "Requests the gateway has in flight on each vLLM replica.",
+            ["replica"],
             registry=r,
         )
 

@@ -50,6 +50,17 @@ class Residency:
         """Loaded ``lora_name``s, least recently used first."""
         return list(self._resident)
 
+    def holds(self, name: str) -> bool:
+        """Whether ``name`` is loaded (or being loaded) here."""
+        lock = self._locks.get(name)
+        return name in self._resident or (lock is not None and lock.locked())
+
+    def has_room(self) -> bool:
+        """Whether one more version can be loaded now without waiting for requests to finish."""
+        if len(self._resident) + self._reserved < self.capacity:
+            return True
+        return any(r.in_flight == 0 for r in self._resident.values())
+
     @asynccontextmanager
     async def lease(self, version: AdapterVersion) -> AsyncIterator[Resident]:
         """Hold ``version`` loaded for the duration of one request."""
@@ -98,7 +109,7 @@ class Residency:
             await self._load(version, resident)
             if name not in self._resident:
                 self._resident[name] = resident
-                self.metrics.adapters_resident.set(len(self._resident))
+                self.metrics.adapters_resident.labels(self.replica.name).set(len(self._resident))
 
     async def _load(self, version: AdapterVersion, resident: Resident | None = None) -> None:
         name = version.lora_name
@@ -114,7 +125,7 @@ class Residency:
             self._resident[name] = Resident(loaded_at=time.monotonic())
         else:
             resident.loaded_at, resident.generation = time.monotonic(), resident.generation + 1
-        self.metrics.adapters_resident.set(len(self._resident))
+        self.metrics.adapters_resident.labels(self.replica.name).set(len(self._resident))
         log.info("loaded %s from %s in %.0f ms", name, version.path, 1000 * (time.perf_counter() - started))
 
     async def _reserve_slot(self, name: str) -> None:
@@ -129,7 +140,7 @@ class Residency:
                         code="adapter_slots_busy",
                     )
                 del self._resident[victim]
-                self.metrics.adapters_resident.set(len(self._resident))
+                self.metrics.adapters_resident.labels(self.replica.name).set(len(self._resident))
                 self.metrics.adapter_unloads.labels(victim).inc()
                 log.info("unloading %s to make room for %s", victim, name)
                 await self.replica.unload_adapter(victim)
@@ -142,7 +153,7 @@ class Residency:
             if self._resident[name].in_flight == 0:
                 del self._resident[name]
                 log.warning("vLLM at %s no longer has %s; it will be loaded again on use", self.replica.url, name)
-        self.metrics.adapters_resident.set(len(self._resident))
+        self.metrics.adapters_resident.labels(self.replica.name).set(len(self._resident))
 
     async def discard(self, name: str) -> None:
         """Unload a deleted version now rather than when the LRU gets to it; busy ones wait for the LRU."""
@@ -150,7 +161,7 @@ class Residency:
         if resident is None or resident.in_flight:
             return
         del self._resident[name]
-        self.metrics.adapters_resident.set(len(self._resident))
+        self.metrics.adapters_resident.labels(self.replica.name).set(len(self._resident))
         try:
             await self.replica.unload_adapter(name)
         except QuiverError as exc:  # vLLM is down: it has forgotten the adapter anyway.
@@ -164,10 +175,10 @@ class Residency:
             except Exception as exc:  # vLLM may already be gone; nothing to clean then.
                 log.info("could not unload %s at shutdown: %s", name, exc)
         self._resident.clear()
-        self.metrics.adapters_resident.set(0)
+        self.metrics.adapters_resident.labels(self.replica.name).set(0)
 
     def forget_all(self) -> None:
         """The replica went away: nothing can be assumed loaded when it returns."""
         for name in [n for n, r in self._resident.items() if r.in_flight == 0]:
             del self._resident[name]
-        self.metrics.adapters_resident.set(len(self._resident))
+        self.metrics.adapters_resident.labels(self.replica.name).set(len(self._resident))

@@ -41,7 +41,8 @@ async def chat_completions(request: Request) -> Response:
     """OpenAI chat completions, plain or streamed."""
     payload, parsed = parse_body(await request.body(), ChatCompletionRequest)
     assert isinstance(parsed, ChatCompletionRequest)
-    return await (await gateway_of(request)).proxy.generate("/v1/chat/completions", payload, parsed.stream)
+    proxy = (await gateway_of(request)).proxy
+    return await proxy.generate("/v1/chat/completions", payload, parsed.stream, request.headers)
 
 
 @router.post("/v1/completions")
@@ -49,7 +50,8 @@ async def completions(request: Request) -> Response:
     """OpenAI text completions, plain or streamed."""
     payload, parsed = parse_body(await request.body(), CompletionRequest)
     assert isinstance(parsed, CompletionRequest)
-    return await (await gateway_of(request)).proxy.generate("/v1/completions", payload, parsed.stream)
+    proxy = (await gateway_of(request)).proxy
+    return await proxy.generate("/v1/completions", payload, parsed.stream, request.headers)
 
 
 def model_cards(gateway: Gateway) -> list[ModelCard]:
@@ -88,14 +90,27 @@ async def get_model(model_id: str, gateway: GatewayDep) -> ModelCard:
 
 @router.get("/health")
 async def health(gateway: GatewayDep) -> JSONResponse:
-    """200 while vLLM answers; 503 with the reason otherwise."""
-    replica = gateway.replica
+    """200 while at least one vLLM replica answers; 503 with the reason otherwise."""
+    replicas = [
+        {
+            "name": m.name,
+            "url": m.replica.url,
+            "state": m.replica.state,
+            "model": m.replica.served_model,
+            "in_flight": m.in_flight,
+            "adapters_loaded": m.residency.loaded,
+        }
+        for m in gateway.pool.members
+    ]
+    up = any(m.healthy for m in gateway.pool.members)
+    first = replicas[0]
     body = {
-        "status": "ok" if replica.state == "up" else "unavailable",
-        "vllm": {"url": replica.url, "state": replica.state, "model": replica.served_model},
-        "adapters_loaded": gateway.residency.loaded,
+        "status": "ok" if up else "unavailable",
+        "vllm": {k: first[k] for k in ("url", "state", "model")},
+        "adapters_loaded": first["adapters_loaded"],
+        "replicas": replicas,
     }
-    if replica.state == "up":
+    if up:
         return JSONResponse(body)
     return JSONResponse(body, status_code=503, headers={"retry-after": "2"})
 

@@ -1,17 +1,22 @@
-"""Serving a generation request: walk the plan, hold the adapter loaded, relay vLLM's bytes.
+"""Serving a generation request: walk the plan, hold the adapter loaded, relay the upstream's bytes.
 
-vLLM's answer is passed through as bytes: a non-streamed body is returned as read, and a stream
-is relayed chunk by chunk as it arrives, never parsed and re-serialized. Only the ``usage`` object
-is read out of the tail for the token metrics.
+The upstream's answer is passed through as bytes: a non-streamed body is returned as read, and a
+stream is relayed chunk by chunk as it arrives, never parsed and re-serialized. Only the ``usage``
+object is read out of the tail for the token metrics.
+
+Fallback: a target that fails before anything reached the client (including a stream's first
+chunk, which is read before the response starts) hands the request to the next step of the plan.
+Once bytes went out, or when the failure is the client's own (a 4xx), nothing is retried.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -19,11 +24,27 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.metrics import Metrics
-from gateway.residency import Residency
-from gateway.router import AdapterOnReplica, Plan, Router, Target
-from quiver.errors import InvalidRequest, QuiverError, Unavailable, UpstreamError
+from gateway.pool import Member
+from gateway.router import (
+    AdapterOnReplica,
+    OnFrontier,
+    Plan,
+    RagOnReplica,
+    Router,
+    RouteRequest,
+    Skipped,
+    Target,
+)
+from gateway.tokens import PromptMeter
+from quiver.errors import InvalidRequest, QuiverError, Unavailable, UpstreamTimeout
+
+log = logging.getLogger("quiver.serving")
 
 SERVED_BY = "x-quiver-served-by"
+FALLBACK_REASON = "x-quiver-fallback-reason"
+ROUTE = "x-quiver-route"
+REPLICA = "x-quiver-replica"
+SOURCES = "x-quiver-sources"
 _USAGE_KEY = b'"usage"'
 _DECODER = json.JSONDecoder()
 # Bytes of a stream's tail kept to find the final usage chunk.
@@ -62,21 +83,71 @@ class _HeldStream(StreamingResponse):
                 await self._held.aclose()
 
 
+class _TargetFailed(Exception):
+    """A target could not answer, for a fallback ``reason``; ``error`` is what the client sees if none can."""
+
+    def __init__(self, reason: str, error: QuiverError) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
+
+
+def fallback_reason(exc: QuiverError) -> str:
+    """The fallback reason a target's failure stands for."""
+    if isinstance(exc, UpstreamTimeout):
+        return "upstream_timeout"
+    if exc.code in ("upstream_unavailable", "upstream_unreachable"):
+        return "upstream_down"
+    if isinstance(exc, Unavailable):
+        return "overloaded"
+    return "upstream_error"
+
+
+def route_request(payload: dict[str, Any], headers: Mapping[str, str]) -> RouteRequest:
+    """What the router needs from a request body and its headers."""
+    metadata = payload.get("metadata")
+    prompt = ""
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        user = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        content = user[-1].get("content") if user else None
+        prompt = content if isinstance(content, str) else ""
+    elif isinstance(payload.get("prompt"), str):
+        prompt = payload["prompt"]
+    return RouteRequest(
+        model=str(payload["model"]),
+        headers=headers,
+        metadata=metadata if isinstance(metadata, dict) else {},
+        prompt=prompt,
+    )
+
+
+class RagPrompts(Protocol):
+    """Turns a request into its retrieval-augmented form (``rag:COLLECTION`` targets)."""
+
+    async def augment(
+        self, collection: str, payload: dict[str, Any], context_tokens: int | None
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]: ...
+
+
 class Proxy:
     """Forwards OpenAI generation requests along their plan."""
 
-    def __init__(self, router: Router, residency: Residency, metrics: Metrics) -> None:
+    def __init__(self, router: Router, metrics: Metrics, meter: PromptMeter, rag: RagPrompts | None = None) -> None:
         self.router = router
-        self.residency = residency
         self.metrics = metrics
+        self.meter = meter
+        self.rag = rag
 
-    async def generate(self, endpoint: str, payload: dict[str, Any], stream: bool) -> Response:
+    async def generate(
+        self, endpoint: str, payload: dict[str, Any], stream: bool, headers: Mapping[str, str] | None = None
+    ) -> Response:
         """Answer one request; raises a QuiverError when no target could."""
         started = time.perf_counter()
         # Unknown model strings are labelled "unknown" so a client cannot blow up label cardinality.
         model, served = "unknown", "none"
         try:
-            plan = self.router.plan(str(payload["model"]))
+            plan = await self.router.plan(route_request(payload, headers or {}))
             model = plan.model
             response, served = await self._first_answer(plan, endpoint, payload, stream, started)
             return response
@@ -87,44 +158,88 @@ class Proxy:
     async def _first_answer(
         self, plan: Plan, endpoint: str, payload: dict[str, Any], stream: bool, started: float
     ) -> tuple[Response, str]:
+        reason: str | None = None
         last: QuiverError | None = None
-        for target in plan.targets:
+        for step in plan.steps:
+            if isinstance(step, Skipped):
+                reason, last = reason or step.reason, step.error
+                continue
             try:
-                return await self._attempt(target, plan, endpoint, payload, stream, started), target.served_by
-            except (Unavailable, UpstreamError) as exc:
-                # Nothing reached the client yet, so the next target may still answer.
-                last = exc
+                response = await self._attempt(step, plan, endpoint, dict(payload), stream, started)
+            except _TargetFailed as failed:
+                log.info("%s could not answer %s (%s): %s", step.served_by, plan.model, failed.reason, failed.error)
+                reason, last = reason or failed.reason, failed.error
+                continue
+            response.headers[ROUTE] = plan.route
+            if reason is not None:
+                response.headers[FALLBACK_REASON] = reason
+                self.metrics.fallbacks.labels(reason, step.served_by).inc()
+            return response, step.served_by
         assert last is not None
         raise last
 
     async def _attempt(
         self, target: Target, plan: Plan, endpoint: str, payload: dict[str, Any], stream: bool, started: float
     ) -> Response:
+        context = target.context_tokens
+        if not await self.meter.fits(payload, context, frontier=isinstance(target, OnFrontier)):
+            raise _TargetFailed(
+                "context_length",
+                InvalidRequest(
+                    f"the prompt plus max_tokens does not fit the {context}-token context of any target that "
+                    f"could answer '{plan.model}'",
+                    param="messages",
+                    code="context_length_exceeded",
+                ),
+            )
+        sources: list[dict[str, Any]] | None = None
+        if isinstance(target, RagOnReplica):
+            assert self.rag is not None  # the router only plans RAG targets when there are collections
+            payload, sources = await self.rag.augment(target.collection, payload, context)
         payload["model"] = target.upstream_model
         body = json.dumps(payload, separators=(",", ":")).encode()
         held = AsyncExitStack()
         try:
             upstream = await self._open(target, endpoint, body, held)
+            headers = {SERVED_BY: target.served_by}
+            if target.member is not None:
+                headers[REPLICA] = target.member.name
+            if sources is not None:
+                headers[SOURCES] = json.dumps([_source_header(s) for s in sources], separators=(",", ":"))
+            labels = (endpoint, plan.model, target.served_by)
+            if not stream:
+                try:
+                    content = await target.upstream.read(upstream)
+                finally:
+                    await held.aclose()
+                if sources is not None:
+                    content = _with_sources(content, sources)
+                self._observe_success(labels, upstream.status_code, started, usage_of(content[-_TAIL_BYTES:]))
+                return Response(
+                    content,
+                    status_code=upstream.status_code,
+                    headers=headers,
+                    media_type=upstream.headers.get("content-type", "application/json"),
+                )
+            chunks = target.upstream.relay(upstream)
+            held.push_async_callback(chunks.aclose)
+            # The first chunk is read before the response starts, so a failure up to it can still fall back.
+            first = await anext(chunks, b"")
+            self.metrics.ttft.labels(*labels).observe(time.perf_counter() - started)
+        except InvalidRequest:
+            await held.aclose()
+            raise  # the client's own mistake: no other target would take it better
+        except QuiverError as exc:
+            await held.aclose()
+            reason = fallback_reason(exc)
+            if reason == "upstream_down" and target.member is not None:
+                target.member.monitor.mark_down(exc.message)
+            raise _TargetFailed(reason, exc) from exc
         except BaseException:
             await held.aclose()
             raise
-        headers = {SERVED_BY: target.served_by}
-        labels = (endpoint, plan.model, target.served_by)
-        if not stream:
-            try:
-                content = await target.replica.read(upstream)
-            finally:
-                await held.aclose()
-            self._observe_success(labels, upstream.status_code, started, usage_of(content[-_TAIL_BYTES:]))
-            return Response(
-                content,
-                status_code=upstream.status_code,
-                headers=headers,
-                media_type=upstream.headers.get("content-type", "application/json"),
-            )
-        held.push_async_callback(upstream.aclose)
         return _HeldStream(
-            self._relay(target, upstream, labels, started),
+            self._relay(first, chunks, labels, started),
             held,
             status_code=upstream.status_code,
             headers=headers | {"cache-control": "no-cache", "x-accel-buffering": "no"},
@@ -132,31 +247,45 @@ class Proxy:
         )
 
     async def _open(self, target: Target, endpoint: str, body: bytes, held: AsyncExitStack) -> httpx.Response:
+        member = target.member
+        if member is not None:
+            member.in_flight += 1
+            self.metrics.replica_in_flight.labels(member.name).set(member.in_flight)
+            held.callback(self._leave, member)
         if not isinstance(target, AdapterOnReplica):
-            return await target.replica.open(endpoint, body)
-        resident = await held.enter_async_context(self.residency.lease(target.version))
+            return await target.upstream.open(endpoint, body)
+        residency = target.member.residency
+        try:
+            resident = await held.enter_async_context(residency.lease(target.version))
+        except InvalidRequest:
+            raise
+        except QuiverError as exc:
+            # Loading failed (vLLM refused the files, or no slot came free): the adapter cannot answer here.
+            raise _TargetFailed("overloaded" if isinstance(exc, Unavailable) else "adapter_load_failed", exc) from exc
         generation = resident.generation
         try:
-            return await target.replica.open(endpoint, body)
+            return await target.upstream.open(endpoint, body)
         except InvalidRequest as exc:
             if exc.status_code != 404:
                 raise
         # vLLM no longer knows the adapter: it restarted since our last health poll. Load it
         # again and retry once; nothing has been sent to the client yet.
-        await self.residency.reload(target.version, resident, generation)
-        return await target.replica.open(endpoint, body)
+        await residency.reload(target.version, resident, generation)
+        return await target.upstream.open(endpoint, body)
+
+    def _leave(self, member: Member) -> None:
+        member.in_flight -= 1
+        self.metrics.replica_in_flight.labels(member.name).set(member.in_flight)
 
     async def _relay(
-        self, target: Target, upstream: httpx.Response, labels: tuple[str, str, str], started: float
+        self, first: bytes, chunks: AsyncIterator[bytes], labels: tuple[str, str, str], started: float
     ) -> AsyncIterator[bytes]:
-        tail = b""
-        first = True
-        status = upstream.status_code
+        tail = first[-_TAIL_BYTES:]
+        status = 200
         try:
-            async for chunk in target.replica.relay(upstream):
-                if first:
-                    self.metrics.ttft.labels(*labels).observe(time.perf_counter() - started)
-                    first = False
+            if first:
+                yield first
+            async for chunk in chunks:
                 tail = (tail + chunk)[-_TAIL_BYTES:]
                 yield chunk
         except QuiverError as exc:
@@ -182,3 +311,20 @@ class Proxy:
     def _observe_failure(self, endpoint: str, model: str, served: str, status: int, started: float) -> None:
         self.metrics.requests.labels(endpoint, model, served, str(status)).inc()
         self.metrics.latency.labels(endpoint, model, served).observe(time.perf_counter() - started)
+
+
+def _source_header(source: dict[str, Any]) -> dict[str, Any]:
+    # Header values must stay small and ASCII: where each source came from, not its text.
+    return {k: source[k] for k in ("index", "source", "location", "score") if k in source}
+
+
+def _with_sources(content: bytes, sources: list[dict[str, Any]]) -> bytes:
+    """A non-streamed answer with the retrieved sources added as a top-level ``sources`` field."""
+    try:
+        answer = json.loads(content)
+    except ValueError:
+        return content
+    if not isinstance(answer, dict):
+        return content
+    answer["sources"] = sources
+    return json.dumps(answer, separators=(",", ":")).encode()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gateway.policy import RoutingPolicy
 
 # vLLM only accepts these values for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -23,7 +26,10 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface the gateway listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
-    vllm_url: str = Field("http://127.0.0.1:8001", description="Base URL of the vLLM server.")
+    vllm_url: str = Field(
+        "http://127.0.0.1:8001",
+        description="Base URL of the vLLM server; several replicas of the same base model: comma-separated URLs.",
+    )
     base_model: str | None = Field(
         None, description="Name vLLM serves the base model under; asked from vLLM when unset."
     )
@@ -61,14 +67,38 @@ class Settings(BaseSettings):
     fine_tuning_stop_timeout_s: float = Field(
         30.0, gt=0, description="How long a stopping worker may take to finish its training step."
     )
+    routing_file: Path | None = Field(
+        None, description="TOML file of routing rules, the auto router, frontier APIs and the default fallback chain."
+    )
+    placement: Literal["affinity", "round_robin"] = Field(
+        "affinity", description="How adapter requests pick a replica: where the adapter is loaded, or in turn."
+    )
+    replica_saturation: int = Field(
+        8, ge=1, description="Requests in flight on a replica past which a hot adapter spreads to another one."
+    )
+    replica_max_in_flight: int = Field(
+        64, ge=1, description="Requests in flight on a replica past which it takes no more (overload fallback)."
+    )
     max_file_bytes: int = Field(512 * 1024**2, gt=0, description="Largest training file accepted by POST /v1/files.")
 
     @field_validator("vllm_url")
     @classmethod
     def _url_has_scheme(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError(f"QUIVER_VLLM_URL must start with http:// or https://, got {value!r}")
-        return value.rstrip("/")
+        urls = [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+        if not urls:
+            raise ValueError("QUIVER_VLLM_URL is empty")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"QUIVER_VLLM_URL must start with http:// or https://, got {url!r}")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"QUIVER_VLLM_URL lists a replica twice: {value!r}")
+        return ",".join(urls)
+
+    @field_validator("routing_file")
+    @classmethod
+    def _routing_file_parses(cls, value: Path | None) -> Path | None:
+        RoutingPolicy.load(value)  # a ValueError names the file and the problem
+        return value
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -101,6 +131,16 @@ class Settings(BaseSettings):
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'registry.db'}"
         return self
+
+    @property
+    def vllm_urls(self) -> list[str]:
+        """Every replica's URL, in the configured order."""
+        return self.vllm_url.split(",")
+
+    @property
+    def routing(self) -> RoutingPolicy:
+        """The parsed routing file (checked at start-up)."""
+        return RoutingPolicy.load(self.routing_file)
 
     @property
     def registry_url(self) -> str:

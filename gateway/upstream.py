@@ -1,7 +1,7 @@
-"""vLLM replicas as small classes around one pooled httpx client each.
+"""Upstream servers (vLLM replicas, frontier APIs) as small classes around one pooled httpx client each.
 
-Transport failures become typed Quiver errors in one place (``VllmReplica._translating``):
-a refused connection is 503 with Retry-After while vLLM is starting or was up recently
+Transport failures become typed Quiver errors in one place (``Upstream._translating``):
+a refused connection is 503 with Retry-After while the server is starting or was up recently
 (``unreachable_after_s``), and 502 once it has been unreachable for longer; a timeout is 504;
 anything else that breaks the exchange is 502. Client-facing messages leave out the upstream's
 address; the log has it.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -32,8 +32,8 @@ RETRY_AFTER_S = 2.0
 _KEEPALIVE_S = 4.0
 
 
-def upstream_error(status: int, body: bytes) -> QuiverError:
-    """Turn a vLLM error answer into the matching Quiver error, keeping vLLM's message."""
+def upstream_error(status: int, body: bytes, label: str = "vLLM") -> QuiverError:
+    """Turn an upstream's error answer into the matching Quiver error, keeping its message."""
     message, param = body.decode("utf-8", "replace").strip(), None
     try:
         parsed = json.loads(body)
@@ -44,17 +44,19 @@ def upstream_error(status: int, body: bytes) -> QuiverError:
             message = str(parsed["detail"])
     except ValueError:
         pass
-    if status == 503:
-        return Unavailable(f"vLLM is busy: {message}", retry_after=RETRY_AFTER_S)
+    if status in (429, 503):
+        return Unavailable(f"{label} is busy: {message}", retry_after=RETRY_AFTER_S, code="upstream_busy")
     if 400 <= status < 500:
         error = InvalidRequest(message, param=param if isinstance(param, str) else None)
         error.status_code = status
         return error
-    return UpstreamError(f"vLLM answered {status}: {message}")
+    return UpstreamError(f"{label} answered {status}: {message}")
 
 
-class VllmReplica:
-    """One vLLM server: forwarding, the runtime LoRA API, and what its last health check saw."""
+class Upstream:
+    """An OpenAI-compatible server: forwarding requests and relaying answers, with typed errors."""
+
+    label = "upstream"
 
     def __init__(
         self,
@@ -62,18 +64,16 @@ class VllmReplica:
         *,
         connect_timeout_s: float = 5.0,
         request_timeout_s: float = 600.0,
-        load_timeout_s: float = 60.0,
         unreachable_after_s: float = 300.0,
+        headers: dict[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = url
         self.state: ReplicaState = "starting"
-        self.served_model: str | None = None
-        self.model_root: str | None = None
         self._unreachable_after_s = unreachable_after_s
         self._last_up = time.monotonic()
         self._urls: dict[str, httpx.URL] = {}
-        self._load_timeout = httpx.Timeout(load_timeout_s, connect=connect_timeout_s)
+        self._headers = _JSON | (headers or {})
         self._probe_timeout = httpx.Timeout(connect_timeout_s)
         # Keep-alive pool sized for high concurrency: a new TCP handshake per request is what
         # makes naive proxies slow.
@@ -82,6 +82,7 @@ class VllmReplica:
             timeout=httpx.Timeout(request_timeout_s, connect=connect_timeout_s),
             limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=_KEEPALIVE_S),
             transport=transport,
+            headers=headers,
         )
         self._extensions = {"timeout": self._client.timeout.as_dict()}
 
@@ -95,29 +96,33 @@ class VllmReplica:
         try:
             yield
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            log.warning("vLLM at %s: %s failed: %s", self.url, action, exc)
+            log.warning("%s at %s: %s failed: %s", self.label, self.url, action, exc)
             down_for = time.monotonic() - self._last_up
             if down_for > self._unreachable_after_s:
                 raise UpstreamError(
-                    f"vLLM has been unreachable for {down_for:.0f} s ({action})", code="upstream_unreachable"
+                    f"{self.label} has been unreachable for {down_for:.0f} s ({action})", code="upstream_unreachable"
                 ) from exc
             raise Unavailable(
-                f"vLLM is not accepting connections ({action}); it may be starting or restarting",
+                f"{self.label} is not accepting connections ({action}); it may be starting or restarting",
                 retry_after=RETRY_AFTER_S,
                 code="upstream_unavailable",
             ) from exc
         except httpx.TimeoutException as exc:
-            log.warning("vLLM at %s: %s timed out", self.url, action)
-            raise UpstreamTimeout(f"vLLM timed out ({action})") from exc
+            log.warning("%s at %s: %s timed out", self.label, self.url, action)
+            raise UpstreamTimeout(f"{self.label} timed out ({action})") from exc
         except httpx.TransportError as exc:
-            log.warning("vLLM at %s: %s failed: %r", self.url, action, exc)
-            raise UpstreamError(f"vLLM failed ({action}): {type(exc).__name__}") from exc
+            log.warning("%s at %s: %s failed: %r", self.label, self.url, action, exc)
+            raise UpstreamError(f"{self.label} failed ({action}): {type(exc).__name__}") from exc
+
+    def _url(self, path: str) -> httpx.URL:
+        # A prebuilt absolute URL: httpx's build_request spends more merging URLs than sending.
+        return self._urls.get(path) or self._urls.setdefault(path, httpx.URL(self.url + path))
 
     async def open(self, path: str, body: bytes) -> httpx.Response:
         """POST ``body`` and return the response with its body not yet read (for streaming)."""
-        # A prebuilt absolute URL: httpx's build_request spends more merging URLs than sending.
-        url = self._urls.get(path) or self._urls.setdefault(path, httpx.URL(self.url + path))
-        request = httpx.Request("POST", url, content=body, headers=_JSON, extensions=self._extensions)
+        request = httpx.Request(
+            "POST", self._url(path), content=body, headers=self._headers, extensions=self._extensions
+        )
         with self._translating(f"POST {path}"):
             response = await self._client.send(request, stream=True)
         if response.status_code < 400:
@@ -127,9 +132,12 @@ class VllmReplica:
                 error_body = await response.aread()
         finally:
             await response.aclose()
-        raise upstream_error(response.status_code, error_body)
+        error = upstream_error(response.status_code, error_body, self.label)
+        if isinstance(error, Unavailable) and (wait := _retry_after(response)) is not None:
+            error.retry_after = wait
+        raise error
 
-    async def relay(self, response: httpx.Response) -> AsyncIterator[bytes]:
+    async def relay(self, response: httpx.Response) -> AsyncGenerator[bytes]:
         """Yield the upstream body chunk by chunk as it arrives, translating transport errors."""
         try:
             with self._translating("streaming the answer"):
@@ -145,6 +153,48 @@ class VllmReplica:
                 return await response.aread()
         finally:
             await response.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The upstream's ``Retry-After`` in seconds (the delta-seconds form), if it sent one."""
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
+class VllmReplica(Upstream):
+    """One vLLM server: forwarding, the runtime LoRA API, and what its last health check saw."""
+
+    label = "vLLM"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str = "r0",
+        connect_timeout_s: float = 5.0,
+        request_timeout_s: float = 600.0,
+        load_timeout_s: float = 60.0,
+        unreachable_after_s: float = 300.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(
+            url,
+            connect_timeout_s=connect_timeout_s,
+            request_timeout_s=request_timeout_s,
+            unreachable_after_s=unreachable_after_s,
+            transport=transport,
+        )
+        self.name = name
+        self.served_model: str | None = None
+        self.model_root: str | None = None
+        self.max_model_len: int | None = None
+        self._load_timeout = httpx.Timeout(load_timeout_s, connect=connect_timeout_s)
 
     async def load_adapter(self, lora_name: str, lora_path: str) -> None:
         """Load an adapter through vLLM's runtime LoRA API.
@@ -199,8 +249,6 @@ class VllmReplica:
         if base is not None:
             self.served_model = self.served_model or str(base["id"])
             self.model_root = str(base.get("root") or base["id"])
+            if isinstance(base.get("max_model_len"), int):
+                self.max_model_len = base["max_model_len"]
         return data
-
-    async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._client.aclose()
