@@ -13,7 +13,15 @@ from starlette.datastructures import UploadFile
 
 from adapters import Adapter, AdapterVersion
 from gateway.deps import GatewayDep
-from gateway.protocol import AdapterList, AdapterPublic, AliasUpdate, PushPublic, VersionPublic
+from gateway.protocol import (
+    AdapterList,
+    AdapterPublic,
+    AliasUpdate,
+    PushPublic,
+    RoutingPublic,
+    RoutingUpdate,
+    VersionPublic,
+)
 from gateway.uploads import check_length, form_schema, spool
 from quiver.errors import InvalidRequest
 
@@ -49,6 +57,11 @@ def adapter_public(adapter: Adapter, *, manifest: bool = False) -> AdapterPublic
         created_at=adapter.created_at,
         latest=adapter.latest.number,
         aliases=aliases,
+        routing=RoutingPublic(
+            description=adapter.routing.description,
+            examples=list(adapter.routing.examples),
+            fallback=list(adapter.routing.fallback) if adapter.routing.fallback is not None else None,
+        ),
         versions=[version_public(v, aliases, manifest=manifest) for v in adapter.versions],
     )
 
@@ -92,6 +105,19 @@ async def list_adapters(gateway: GatewayDep) -> AdapterList:
 async def get_adapter(name: str, gateway: GatewayDep) -> AdapterPublic:
     """One adapter, or 404."""
     return adapter_public(await gateway.registry.call(gateway.registry.registry.adapter, name), manifest=True)
+
+
+@router.patch("/{name}", response_model=AdapterPublic)
+async def set_routing(name: str, body: RoutingUpdate, gateway: GatewayDep) -> AdapterPublic:
+    """Change an adapter's description, example prompts or fallback chain; fields left out keep their value."""
+    given = {k: getattr(body, k) for k in body.model_fields_set}
+    for target in body.fallback or ():
+        try:
+            gateway.router.policy.check_target(target, "fallback")
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="fallback") from None
+    registry = gateway.registry
+    return adapter_public(await registry.call(lambda: registry.registry.set_routing(name, **given)), manifest=True)
 
 
 @router.put("/{name}/aliases/{alias}", response_model=AdapterPublic)

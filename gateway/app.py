@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 
 from adapters import BaseModelSpec, Registry
 from gateway import admin, files, fine_tuning, routes
+from gateway.auto import SemanticRouter
 from gateway.deps import Gateway
 from gateway.frontier import Frontier
 from gateway.health import ReplicaMonitor
@@ -106,7 +107,14 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None)
     registry = await anyio.to_thread.run_sync(open_registry, settings, base)
     view = await anyio.to_thread.run_sync(RegistryView, registry)
     frontiers = {name: Frontier(config, transport=transport) for name, config in policy.frontiers.items()}
-    router = Router(pool, lambda: view.catalog, settings.base_model, policy=policy, frontiers=frontiers)
+    router = Router(
+        pool,
+        lambda: view.catalog,
+        settings.base_model,
+        policy=policy,
+        frontiers=frontiers,
+        auto=SemanticRouter(policy.auto.threshold),
+    )
     proxy = Proxy(router, metrics, PromptMeter(base_model_dir(settings, pool.first.replica)))
     return Gateway(settings, metrics, pool, view, router, proxy, frontiers)
 

@@ -47,7 +47,7 @@ class ReplicaMonitor:
 
     def mark_down(self, reason: str) -> None:
         """The replica stopped answering: whatever it had loaded is gone when it returns."""
-        if self.replica.state == "up":
+        if self.replica.state != "down":
             log.warning("vLLM at %s is down: %s", self.replica.url, reason)
             self.replica.state = "down"
         self.metrics.upstream_up.labels(self.replica.url).set(0)

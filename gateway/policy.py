@@ -3,7 +3,7 @@
     fallback = ["rag:handbook", "frontier:openai"]     # when an adapter has no chain of its own
 
     [auto]                                              # model="auto"
-    threshold = 0.45
+    threshold = 0.35
     default = "base"
 
     [[rules]]                                           # first match wins
@@ -114,7 +114,7 @@ class AutoConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    threshold: float = Field(0.45, ge=-1, le=1, description="Lowest cosine similarity that picks an adapter.")
+    threshold: float = Field(0.35, ge=-1, le=1, description="Lowest cosine similarity that picks an adapter.")
     default: str = Field("base", description="Where a prompt goes when no adapter matches well enough.")
 
 

@@ -97,6 +97,18 @@ class VersionPublic(BaseModel):
     evaluation: dict[str, Any] | None = Field(None, description="The newest eval report, on GET /v1/adapters/{name}")
 
 
+class RoutingPublic(BaseModel):
+    """How the gateway routes to an adapter."""
+
+    description: str | None = Field(None, description='What the adapter does; model="auto" matches prompts to it.')
+    examples: list[str] = Field(default_factory=list, description='Example prompts model="auto" matches against.')
+    fallback: list[str] | None = Field(
+        None,
+        description="Targets tried in order when the adapter cannot answer (rag:COLLECTION, frontier:NAME, an "
+        "adapter, base); null: the gateway's default chain; []: none.",
+    )
+
+
 class AdapterPublic(BaseModel):
     """An adapter with its versions and aliases."""
 
@@ -105,7 +117,14 @@ class AdapterPublic(BaseModel):
     created_at: datetime
     latest: int
     aliases: dict[str, int]
+    routing: RoutingPublic
     versions: list[VersionPublic]
+
+
+class RoutingUpdate(RoutingPublic):
+    """Body of ``PATCH /v1/adapters/{name}``: the fields given are changed, the others kept."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class AdapterList(BaseModel):

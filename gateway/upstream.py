@@ -230,10 +230,11 @@ class VllmReplica(Upstream):
     @staticmethod
     def _lora_refusal(action: str, lora_name: str, response: httpx.Response) -> QuiverError:
         error = upstream_error(response.status_code, response.content)
-        if isinstance(error, InvalidRequest):
-            # The adapter was validated before vLLM saw it; a refusal now is vLLM's problem.
-            return UpstreamError(f"vLLM refused to {action} {lora_name}: {error.message}")
-        return error
+        if isinstance(error, Unavailable):
+            return error
+        # The adapter was validated before vLLM saw it; a refusal now is vLLM's problem (or its files').
+        message = error.message.removeprefix(f"vLLM answered {response.status_code}: ")
+        return UpstreamError(f"vLLM refused to {action} {lora_name} ({response.status_code}): {message}")
 
     async def models(self) -> list[dict[str, Any]]:
         """vLLM's ``/v1/models`` entries; also remembers the base model's served name."""

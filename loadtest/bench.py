@@ -152,9 +152,12 @@ def _process(args: list[str], url: str, log: Path, env: dict[str, str] | None = 
             process.kill()
 
 
-def _gateway(stack: ExitStack, upstream: str, work: Path, name: str) -> str:
+def start_gateway(
+    stack: ExitStack, upstream: str, work: Path, name: str, env: dict[str, str] | None = None, data: str | None = None
+) -> str:
+    """A `quiver up --vllm-url` process until ``stack`` closes; its data directory is ``work/data-<data or name>``."""
     port = free_port()
-    env = dict(os.environ, QUIVER_DATA_DIR=str(work / f"data-{name}"))
+    env = dict(os.environ, QUIVER_DATA_DIR=str(work / f"data-{data or name}"), **(env or {}))
     return stack.enter_context(
         _process(
             [sys.executable, "-m", "quiver.cli", "up", "--vllm-url", upstream, "--port", str(port)],
@@ -195,8 +198,8 @@ def run(vllm_url: str | None, rounds: int, requests: int, out_dir: Path, console
             )
         )
         with console.status("Starting gateways"):
-            gateway_vllm = _gateway(stack, vllm_url, work, "vllm")
-            gateway_instant = _gateway(stack, instant, work, "instant")
+            gateway_vllm = start_gateway(stack, vllm_url, work, "vllm")
+            gateway_instant = start_gateway(stack, instant, work, "instant")
         plan = [("instant", instant, gateway_instant, "instant"), ("vLLM", vllm_url, gateway_vllm, model)]
         for label, direct, gateway, target_model in plan:
             for concurrency in (1, 16):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from quiver.errors import QuiverError
+from quiver.errors import InvalidRequest, QuiverError
 
 if TYPE_CHECKING:
     from adapters import Registry
@@ -99,7 +99,7 @@ def _registry() -> Registry:
     return open_registry(settings, base)
 
 
-def _fail(exc: QuiverError) -> None:
+def _fail(exc: QuiverError) -> NoReturn:
     err.print(f"[red]error[/] ({exc.code}): {exc.message}")
     raise typer.Exit(1)
 
@@ -163,6 +163,49 @@ def adapters_alias(
     finally:
         registry.close()
     console.print(f"{name}@{alias} -> {name}@v{version}")
+
+
+@adapters_app.command("set")
+def adapters_set(
+    name: str,
+    description: Annotated[
+        str | None, typer.Option(help='What the adapter does; model="auto" matches prompts to it.')
+    ] = None,
+    example: Annotated[
+        list[str] | None, typer.Option(help='An example prompt for model="auto" (repeat; replaces the list).')
+    ] = None,
+    fallback: Annotated[
+        list[str] | None,
+        typer.Option(help="A fallback target, in order (repeat): rag:COLLECTION, frontier:NAME, an adapter, base."),
+    ] = None,
+    default_fallback: Annotated[
+        bool, typer.Option("--default-fallback", help="Use the gateway's default fallback chain.")
+    ] = False,
+    no_fallback: Annotated[bool, typer.Option("--no-fallback", help="Never fall back from this adapter.")] = False,
+) -> None:
+    """Set how the gateway routes to NAME: its description and examples (for `auto`) and its fallback chain."""
+    if sum((bool(fallback), default_fallback, no_fallback)) > 1:
+        _fail(InvalidRequest("give at most one of --fallback, --default-fallback and --no-fallback"))
+    given: dict[str, Any] = {}
+    if description is not None:
+        given["description"] = description
+    if example:
+        given["examples"] = example
+    if fallback or default_fallback or no_fallback:
+        given["fallback"] = list(fallback or []) if not default_fallback else None
+    if not given:
+        _fail(InvalidRequest("nothing to set: give --description, --example or a fallback option"))
+    registry = _registry()
+    try:
+        routing = registry.set_routing(name, **given).routing
+    except QuiverError as exc:
+        _fail(exc)
+    finally:
+        registry.close()
+    chain = "the gateway's default" if routing.fallback is None else (", ".join(routing.fallback) or "none")
+    console.print(f"{name}: {len(routing.examples)} example prompt(s); fallback: {chain}")
+    if routing.description:
+        console.print(f"description: {routing.description}")
 
 
 @adapters_app.command("rm")
@@ -291,6 +334,7 @@ class Benchmark(StrEnum):
 
     gateway = "gateway"
     training = "training"
+    routing = "routing"
 
 
 @app.command()
@@ -321,7 +365,7 @@ def bench(
     training_steps: Annotated[int, typer.Option(help="Timed optimizer steps per training run.")] = 3,
     training_rounds: Annotated[int, typer.Option(help="Alternating rounds of the training comparison.")] = 2,
 ) -> None:
-    """Side by side in one run: the gateway vs vLLM direct, and `quiver train` vs plain TRL (tokens/s)."""
+    """Side by side in one run: the gateway vs vLLM direct, `quiver train` vs plain TRL, and routing placements."""
     if only in (None, Benchmark.gateway):
         from loadtest import bench as bench_module
 
@@ -332,6 +376,22 @@ def bench(
 
         base = embedded.prepare(console=err)
         training_bench.run(base, out, console, steps=training_steps, rounds=training_rounds)
+    if only in (None, Benchmark.routing):
+        _bench_routing(out)
+
+
+def _bench_routing(out: Path) -> None:
+    import tempfile
+
+    from loadtest import routing
+    from quiver import embedded
+    from training.synthetic import random_lora
+
+    base = embedded.prepare(console=err)
+    with tempfile.TemporaryDirectory(prefix="quiver-bench-adapters-") as tmp:
+        with err.status("Making 6 rank-8 adapters with PEFT"):
+            adapters = [random_lora(base, Path(tmp) / f"a{i}", rank=8, seed=i) for i in range(6)]
+        routing.run_placement(base, adapters, out, console)
 
 
 def main() -> None:

@@ -132,11 +132,12 @@ def run(
             raise UpFailed(f"port {port} on {host} is already in use; choose another with --port")
         if vllm_url:
             vllm_url = _settings(**given, vllm_url=vllm_url).vllm_url
-            with console.status(f"Asking {vllm_url} what it serves"):
+            first = vllm_url.split(",")[0]  # replicas serve the same base; ask one
+            with console.status(f"Asking {first} what it serves"):
                 try:
-                    base, root = _ask_base(vllm_url)
+                    base, root = _ask_base(first)
                 except (httpx.HTTPError, StopIteration, KeyError, ValueError) as exc:
-                    raise UpFailed(f"could not ask vLLM at {vllm_url} what it serves: {exc!r}") from None
+                    raise UpFailed(f"could not ask vLLM at {first} what it serves: {exc!r}") from None
             base_path = Path(root) if root and (Path(root) / "config.json").is_file() else None
         else:
             model_path = model or str(embedded.prepare(console=console))

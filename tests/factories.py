@@ -6,24 +6,22 @@ below and integration tests the real base model. Bad variants copy a good adapte
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import shutil
 import tarfile
-import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
 from rich.console import Console
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from training.config import TrainConfig
+from training.synthetic import random_lora
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -71,38 +69,17 @@ def make_lora_adapter(
     rank_pattern: Mapping[str, int] | None = None,
     base_model_name_or_path: str | None = None,
 ) -> Path:
-    """Save a PEFT LoRA adapter for ``base`` into ``out_dir`` and return ``out_dir``.
-
-    PEFT starts with ``lora_B = 0`` (a no-op); here A and B are drawn from ``seed`` with B's standard
-    deviation ``scale``, so the adapter really changes the model's greedy output, differently per seed.
-    ``base`` is a model directory or an ``nn.Module`` (copied, never modified).
-    """
-    if isinstance(base, torch.nn.Module):
-        model = copy.deepcopy(base)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=list(target_modules),
-        rank_pattern=dict(rank_pattern or {}),
-        lora_dropout=0.0,
-        bias="none",
+    """A real PEFT LoRA adapter for ``base`` in ``out_dir`` whose random weights change greedy output."""
+    random_lora(
+        base,
+        out_dir,
+        rank=rank,
+        alpha=alpha,
+        target_modules=target_modules,
+        seed=seed,
+        scale=scale,
+        rank_pattern=rank_pattern,
     )
-    with warnings.catch_warnings():
-        # Targeting a (tied) embedding is how the bad "LoRA on lm_head" adapters are made on purpose.
-        warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`", category=UserWarning)
-        warnings.filterwarnings("ignore", message="Setting `save_embedding_layers`", category=UserWarning)
-        peft_model = get_peft_model(model, config)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in sorted(peft_model.named_parameters()):
-                if "lora_A" in name or "lora_embedding_A" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
-                elif "lora_B" in name or "lora_embedding_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * scale)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(str(out_dir))
     if base_model_name_or_path is not None:
         edit_config(out_dir, base_model_name_or_path=base_model_name_or_path)
     return out_dir

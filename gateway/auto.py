@@ -1,0 +1,67 @@
+"""``model="auto"``: the semantic router.
+
+Each adapter with a description or example prompts (``quiver adapters set``) is represented by their
+all-MiniLM-L6-v2 embeddings; a prompt goes to the adapter with the most similar one, if that
+similarity reaches the threshold, else to the configured default. The embeddings are recomputed only
+when the registry changes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio.to_thread
+
+from adapters import Adapter, Catalog
+from quiver.embeddings import Embedder
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
+
+@dataclass(frozen=True)
+class _Index:
+    revision: int
+    owners: tuple[str, ...]  # the adapter each row describes
+    vectors: NDArray[np.float32]
+
+
+class SemanticRouter:
+    """Picks the adapter whose description or examples best match a prompt."""
+
+    def __init__(self, threshold: float, embedder: Callable[[], Embedder] = Embedder) -> None:
+        self.threshold = threshold
+        self._make_embedder = embedder
+        self._embedder: Embedder | None = None
+        self._index: _Index | None = None
+        self._lock = threading.Lock()
+
+    async def choose(self, prompt: str, catalog: Catalog) -> tuple[str | None, float]:
+        """The adapter name for ``prompt`` (None below the threshold) and the best similarity seen."""
+        if not prompt.strip() or not any(_texts(a) for a in catalog.adapters.values()):
+            return None, 0.0
+        return await anyio.to_thread.run_sync(self._choose, prompt, catalog)
+
+    def _choose(self, prompt: str, catalog: Catalog) -> tuple[str | None, float]:
+        import numpy as np
+
+        with self._lock:  # one model load and one index build, however many requests arrive at once
+            embedder = self._embedder = self._embedder or self._make_embedder()
+            index = self._index
+            if index is None or index.revision != catalog.revision:
+                owners = [(a.name, t) for a in catalog.adapters.values() for t in _texts(a)]
+                vectors = embedder.encode([t for _, t in owners])
+                index = self._index = _Index(catalog.revision, tuple(n for n, _ in owners), vectors)
+        scores = index.vectors @ embedder.encode([prompt])[0]
+        best = int(np.argmax(scores))
+        score = float(scores[best])
+        return (index.owners[best] if score >= self.threshold else None), score
+
+
+def _texts(adapter: Adapter) -> list[str]:
+    routing = adapter.routing
+    return ([routing.description] if routing.description else []) + list(routing.examples)
