@@ -200,7 +200,9 @@ def rag_ingest(
         list[Path], typer.Argument(exists=True, dir_okay=False, help="Text, markdown (.md) or JSONL (.jsonl) files.")
     ],
     chunk_tokens: Annotated[int, typer.Option(help="Chunk size in embedding-model tokens (at most 254).")] = 200,
-    overlap: Annotated[int, typer.Option(help="Tokens each chunk repeats from the one before (at most half).")] = 40,
+    overlap: Annotated[
+        int | None, typer.Option(help="Tokens each chunk repeats from the one before (default a fifth, at most half).")
+    ] = None,
 ) -> None:
     """Chunk, embed and store files; a file ingested before is replaced, or skipped if unchanged.
 

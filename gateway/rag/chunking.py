@@ -24,21 +24,26 @@ _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 
 @dataclass(frozen=True)
 class ChunkingConfig:
-    """How big chunks are and how much of each one the next repeats, in embedding-model tokens."""
+    """How big chunks are and how much of each one the next repeats (default a fifth), in embedding-model tokens."""
 
     chunk_tokens: int = 200
-    overlap: int = 40
+    overlap: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_tokens < 16:
             raise InvalidRequest(
                 f"chunk size must be at least 16 tokens, got {self.chunk_tokens}", param="chunk_tokens"
             )
-        if not 0 <= self.overlap <= self.chunk_tokens // 2:
+        if not 0 <= self.overlap_tokens <= self.chunk_tokens // 2:
             raise InvalidRequest(
                 f"overlap must be between 0 and half the chunk size ({self.chunk_tokens // 2}), got {self.overlap}",
                 param="overlap",
             )
+
+    @property
+    def overlap_tokens(self) -> int:
+        """The overlap asked for, or a fifth of the chunk size."""
+        return self.chunk_tokens // 5 if self.overlap is None else self.overlap
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,7 @@ def _chunk_section(section: Section, token_spans: TokenSpans, config: ChunkingCo
         for piece in _pieces(paragraph, index, token_spans, budget):
             if current and sum(p.tokens for p in current) + piece.tokens > budget:
                 yield _join(section, current)
-                current = _tail(current, min(config.overlap, budget - piece.tokens))
+                current = _tail(current, min(config.overlap_tokens, budget - piece.tokens))
             current.append(piece)
     if current:
         yield _join(section, current)
