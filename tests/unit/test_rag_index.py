@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sqlalchemy.exc import StatementError
 
-from gateway.rag import ChunkingConfig, EmbeddedIndex, PgVectorIndex, VectorIndex, chunk_document, ingest, open_index
-from gateway.rag import read_document as read
+from gateway.rag import (
+    Chunk,
+    ChunkingConfig,
+    Document,
+    EmbeddedIndex,
+    PgVectorIndex,
+    VectorIndex,
+    chunk_document,
+    ingest,
+    open_index,
+    read_document,
+)
 from quiver.embeddings import Embedder
 from quiver.errors import InvalidRequest, ModelNotFound
 from tests.postgres import (
@@ -54,6 +65,14 @@ def _write(root: Path, files: dict[str, str]) -> list[Path]:
     return [root / name for name in files]
 
 
+def _ingest_pasta(index: VectorIndex, embedder: Embedder, root: Path) -> tuple[Document, list[Chunk]]:
+    """pasta.md ingested into 'docs'; the document and its chunks as the ingest made them."""
+    [path] = _write(root / "docs", {"pasta.md": CORPUS["pasta.md"]})
+    ingest(index, embedder, "docs", [path])
+    document = read_document(path)
+    return document, chunk_document(document, embedder.token_spans, ChunkingConfig())
+
+
 def test_the_url_picks_the_backend(opener: Opener) -> None:
     index = opener()
     assert isinstance(index, EmbeddedIndex | PgVectorIndex)
@@ -76,7 +95,7 @@ def test_search_ranks_the_matching_source_first(opener: Opener, embedder: Embedd
     assert top.location == "Cooking pasta, line 3"
     assert top.text.startswith("Boil spaghetti")
     # Cosine similarity: the stored text's own vector scores 1 against itself.
-    chunk = chunk_document(read(tmp_path / "docs" / "pasta.md"), embedder.token_spans, ChunkingConfig())[0]
+    chunk = chunk_document(read_document(tmp_path / "docs" / "pasta.md"), embedder.token_spans, ChunkingConfig())[0]
     same = index.search("docs", embedder.encode([chunk.embedding_text])[0], k=1)[0]
     assert same.score == pytest.approx(1.0, abs=1e-3)
 
@@ -126,11 +145,8 @@ def test_another_process_sees_new_chunks_at_its_next_search(opener: Opener, embe
 
 def test_a_failed_write_leaves_the_previous_chunks(opener: Opener, embedder: Embedder, tmp_path: Path) -> None:
     index = opener()
-    [path] = _write(tmp_path / "docs", {"pasta.md": CORPUS["pasta.md"]})
-    ingest(index, embedder, "docs", [path])
-    document = read(path)
-    chunks = chunk_document(document, embedder.token_spans, ChunkingConfig())
-    broken = [type(chunks[0])(c.text, c.heading, c.first_line, c.last_line, {"bad": object()}) for c in chunks]
+    document, chunks = _ingest_pasta(index, embedder, tmp_path)
+    broken = [replace(c, metadata={"bad": object()}) for c in chunks]
 
     # The old chunks are deleted first in the transaction; the insert fails, so the delete never happened.
     with pytest.raises(StatementError, match="not JSON serializable"):
@@ -166,10 +182,7 @@ def test_delete_source_and_drop(opener: Opener, embedder: Embedder, tmp_path: Pa
 
 def test_a_collection_keeps_one_embedding_space(opener: Opener, embedder: Embedder, tmp_path: Path) -> None:
     index = opener()
-    [path] = _write(tmp_path / "docs", {"pasta.md": CORPUS["pasta.md"]})
-    ingest(index, embedder, "docs", [path])
-    document = read(path)
-    chunks = chunk_document(document, embedder.token_spans, ChunkingConfig())
+    document, chunks = _ingest_pasta(index, embedder, tmp_path)
 
     with pytest.raises(InvalidRequest, match="holds all-MiniLM-L6-v2 vectors \\(384 dimensions\\)"):
         index.upsert("docs", document, chunks, np.ones((len(chunks), 8), dtype=np.float32))
@@ -186,3 +199,13 @@ def test_a_malformed_file_stops_the_ingest_before_anything_is_written(
     with pytest.raises(InvalidRequest, match="faq.jsonl:2: not valid JSON"):
         ingest(index, embedder, "docs", paths)
     assert index.collections() == []
+
+
+def test_a_jsonl_records_fields_come_back_with_its_hits(opener: Opener, embedder: Embedder, tmp_path: Path) -> None:
+    index = opener()
+    faq = '{"text": "Refunds take five business days.", "url": "https://example.com/refunds", "tags": ["billing"]}\n'
+    ingest(index, embedder, "faq", _write(tmp_path / "docs", {"faq.jsonl": faq}))
+
+    [hit] = index.search("faq", embedder.encode(["when is my refund paid?"])[0], k=3)
+    assert (hit.source, hit.location, hit.text) == ("faq.jsonl", "line 1", "Refunds take five business days.")
+    assert hit.metadata == {"url": "https://example.com/refunds", "tags": ["billing"]}
