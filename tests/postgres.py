@@ -151,8 +151,29 @@ def pgvector_cluster() -> Iterator[PostgresCluster]:
     reason = skip_reason(bindir)
     if reason is not None:
         pytest.skip(reason)
-    with running_postgres(bindir) as cluster:
+    with _runnable_by_postgres(bindir) as runnable, running_postgres(runnable) as cluster:
         yield cluster
+
+
+@contextmanager
+def _runnable_by_postgres(bindir: Path) -> Iterator[Path]:
+    """``bindir``, or as root a copy of its install that the postgres user can reach (a venv under /root is 0700)."""
+    probe = ["runuser", "-u", "postgres", "--", "test", "-x", str(bindir / "postgres")]
+    if os.geteuid() != 0 or subprocess.run(probe, check=False).returncode == 0:
+        yield bindir
+        return
+    root = Path(tempfile.mkdtemp(prefix="quiver-pginstall-"))
+    try:
+        root.chmod(0o755)
+        install, package = bindir.parent, bindir.parent.parent
+        shutil.copytree(install, root / package.name / install.name, symlinks=True)
+        # A wheel's shared libraries sit beside its package, found through RPATH $ORIGIN/../../../<package>.libs.
+        libs = package.with_name(f"{package.name}.libs")
+        if libs.is_dir():
+            shutil.copytree(libs, root / libs.name, symlinks=True)
+        yield root / package.name / install.name / "bin"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _free_port() -> int:
