@@ -110,11 +110,20 @@ revision = Table(
 WRITE = "quiver_write"  # execution option marking a connection that will write
 
 
-def open_engine(url: str) -> Engine:
-    """An engine for ``url`` with the tables created; SQLite gets WAL, foreign keys and real transactions."""
+def sql_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, foreign keys, a busy timeout and real transactions.
+
+    Connections opened with the ``WRITE`` execution option take SQLite's write lock when they begin.
+    """
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine)
+    return engine
+
+
+def open_engine(url: str) -> Engine:
+    """An engine for ``url`` (see ``sql_engine``) with the registry's tables created."""
+    engine = sql_engine(url)
     metadata.create_all(engine)
     try:
         with engine.begin() as conn:

