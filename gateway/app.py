@@ -18,12 +18,15 @@ from starlette.exceptions import HTTPException
 from adapters import BaseModelSpec, Registry
 from gateway import admin, files, fine_tuning, routes
 from gateway.auto import SemanticRouter
+from gateway.deployments import MergedDeployments
 from gateway.deps import Gateway
 from gateway.frontier import Frontier
 from gateway.health import ReplicaMonitor
 from gateway.metrics import Metrics
 from gateway.pool import Member, ReplicaPool
 from gateway.protocol import invalid_request
+from gateway.rag import RagPath, index_url, open_index
+from gateway.rag.target import RagTarget
 from gateway.registry_view import RegistryView
 from gateway.residency import Residency
 from gateway.router import AUTO, BASE_ALIAS, Router
@@ -31,6 +34,7 @@ from gateway.serving import Proxy
 from gateway.settings import Settings
 from gateway.tokens import PromptMeter
 from gateway.upstream import VllmReplica
+from quiver.embeddings import Embedder
 from quiver.errors import QuiverError
 
 log = logging.getLogger("quiver.gateway")
@@ -86,15 +90,7 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None)
     policy = settings.routing
     members = []
     for i, url in enumerate(settings.vllm_urls):
-        replica = VllmReplica(
-            url,
-            name=f"r{i}",
-            connect_timeout_s=settings.connect_timeout_s,
-            request_timeout_s=settings.request_timeout_s,
-            load_timeout_s=settings.adapter_load_timeout_s,
-            unreachable_after_s=settings.unreachable_after_s,
-            transport=transport,
-        )
+        replica = _replica(settings, url, f"r{i}", transport)
         residency = Residency(replica, settings.max_loras, metrics, load_wait_s=settings.adapter_load_timeout_s)
         members.append(Member(replica, residency, ReplicaMonitor(replica, residency, metrics)))
     pool = ReplicaPool(
@@ -107,16 +103,37 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None)
     registry = await anyio.to_thread.run_sync(open_registry, settings, base)
     view = await anyio.to_thread.run_sync(RegistryView, registry)
     frontiers = {name: Frontier(config, transport=transport) for name, config in policy.frontiers.items()}
+    meter = PromptMeter(base_model_dir(settings, pool.first.replica))
+    embedder = Embedder(lazy=True)  # one model for the auto router and the RAG path, loaded on first use
+    rag = RagTarget(
+        await anyio.to_thread.run_sync(lambda: RagPath(open_index(index_url(settings)), embedder, meter.count_text))
+    )
+    await rag.refresh()
+    merged = MergedDeployments(lambda: view.catalog, metrics, lambda url: _replica(settings, url, "merged", transport))
     router = Router(
         pool,
         lambda: view.catalog,
         settings.base_model,
         policy=policy,
         frontiers=frontiers,
-        auto=SemanticRouter(policy.auto.threshold),
+        collections=rag,
+        auto=SemanticRouter(policy.auto.threshold, embedder),
+        merged=merged,
     )
-    proxy = Proxy(router, metrics, PromptMeter(base_model_dir(settings, pool.first.replica)))
-    return Gateway(settings, metrics, pool, view, router, proxy, frontiers)
+    proxy = Proxy(router, metrics, meter, rag)
+    return Gateway(settings, metrics, pool, view, router, proxy, frontiers, rag, merged)
+
+
+def _replica(settings: Settings, url: str, name: str, transport: httpx.AsyncBaseTransport | None) -> VllmReplica:
+    return VllmReplica(
+        url,
+        name=name,
+        connect_timeout_s=settings.connect_timeout_s,
+        request_timeout_s=settings.request_timeout_s,
+        load_timeout_s=settings.adapter_load_timeout_s,
+        unreachable_after_s=settings.unreachable_after_s,
+        transport=transport,
+    )
 
 
 def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
@@ -133,6 +150,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             tasks = [
                 asyncio.create_task(gateway.pool.watch(settings.health_interval_s), name="vllm-monitor"),
                 asyncio.create_task(gateway.registry.watch(settings.registry_refresh_s), name="registry-refresh"),
+                asyncio.create_task(gateway.rag.watch(settings.registry_refresh_s), name="rag-collections"),
+                asyncio.create_task(gateway.merged.watch(settings.health_interval_s), name="merged-monitor"),
             ]
             yield
         finally:
@@ -141,6 +160,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             await asyncio.gather(*tasks, return_exceptions=True)
             await app.state.fine_tuning.stop()
             await gateway.pool.aclose()
+            await gateway.merged.aclose()
+            await anyio.to_thread.run_sync(gateway.rag.rag.close)
             for frontier in gateway.frontiers.values():
                 await frontier.aclose()
             await anyio.to_thread.run_sync(gateway.registry.registry.close)

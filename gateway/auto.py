@@ -9,7 +9,6 @@ when the registry changes.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,10 +32,9 @@ class _Index:
 class SemanticRouter:
     """Picks the adapter whose description or examples best match a prompt."""
 
-    def __init__(self, threshold: float, embedder: Callable[[], Embedder] = Embedder) -> None:
+    def __init__(self, threshold: float, embedder: Embedder) -> None:
         self.threshold = threshold
-        self._make_embedder = embedder
-        self._embedder: Embedder | None = None
+        self._embedder = embedder
         self._index: _Index | None = None
         self._lock = threading.Lock()
 
@@ -50,7 +48,7 @@ class SemanticRouter:
         import numpy as np
 
         with self._lock:  # one model load and one index build, however many requests arrive at once
-            embedder = self._embedder = self._embedder or self._make_embedder()
+            embedder = self._embedder
             index = self._index
             if index is None or index.revision != catalog.revision:
                 owners = [(a.name, t) for a in catalog.adapters.values() for t in _texts(a)]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from gateway.deployments import MergedDeployments
 from gateway.frontier import Frontier
 from gateway.health import ReplicaMonitor
 from gateway.metrics import Metrics
 from gateway.pool import ReplicaPool
+from gateway.rag.target import RagTarget
 from gateway.registry_view import RegistryView
 from gateway.residency import Residency
 from gateway.router import Router
@@ -29,7 +31,9 @@ class Gateway:
     registry: RegistryView
     router: Router
     proxy: Proxy
-    frontiers: dict[str, Frontier] = field(default_factory=dict)
+    frontiers: dict[str, Frontier]
+    rag: RagTarget
+    merged: MergedDeployments
 
     # The first replica's parts: the only ones in the embedded default.
     @property

@@ -8,6 +8,7 @@ bounds its token count from above. Only prompts whose bound does not fit are tok
 from __future__ import annotations
 
 import logging
+import threading
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ class PromptMeter:
 
     def __init__(self, base_model_dir: Path | None) -> None:
         self._base_model_dir = base_model_dir
+        # Fast tokenizers fail when two threads use one at once ("Already borrowed").
+        self._lock = threading.Lock()
 
     @staticmethod
     def bound(payload: dict[str, Any]) -> int:
@@ -74,6 +77,10 @@ class PromptMeter:
         return AutoTokenizer.from_pretrained(str(self._base_model_dir))
 
     def _count_base(self, payload: dict[str, Any]) -> int | None:
+        with self._lock:
+            return self._count_base_locked(payload)
+
+    def _count_base_locked(self, payload: dict[str, Any]) -> int | None:
         tokenizer = self._tokenizer
         if tokenizer is None:
             return None  # unknown base directory: vLLM will judge
@@ -88,6 +95,12 @@ class PromptMeter:
             return len(prompt)
         texts = prompt if isinstance(prompt, list) else [prompt or ""]
         return max(len(tokenizer(str(t))["input_ids"]) for t in texts)
+
+    def count_text(self, text: str) -> int:
+        """Tokens of ``text`` under the base model's tokenizer (a byte count when its directory is unknown)."""
+        with self._lock:
+            tokenizer = self._tokenizer
+            return len(tokenizer(text)["input_ids"]) if tokenizer is not None else len(text.encode())
 
     @cached_property
     def _encoding(self) -> Any:

