@@ -5,10 +5,21 @@ registry = Registry.open("sqlite:///quiver.db", Path("store"), base=BaseModelSpe
 registry.push_dir("support-bot", Path("out/adapter"))      # -> support-bot@v1
 registry.set_alias("support-bot", "prod", 1)
 registry.resolve("support-bot").path                       # the directory vLLM loads
+registry.snapshot().deployments                            # versions served by a merged model of their own
+
+Merging (``adapters.merge.merge_version``) imports PEFT, so it is not imported here.
 """
 
 from adapters.archive import UploadLimits
-from adapters.catalog import Adapter, AdapterRouting, AdapterVersion, Catalog
+from adapters.catalog import (
+    Adapter,
+    AdapterRouting,
+    AdapterVersion,
+    Catalog,
+    Deployment,
+    Merge,
+    parse_lora_name,
+)
 from adapters.registry import PushResult, Registry
 from adapters.spec import BaseModelSpec
 from adapters.validation import AdapterInfo, validate_adapter_dir
@@ -20,8 +31,11 @@ __all__ = [
     "AdapterVersion",
     "BaseModelSpec",
     "Catalog",
+    "Deployment",
+    "Merge",
     "PushResult",
     "Registry",
     "UploadLimits",
+    "parse_lora_name",
     "validate_adapter_dir",
 ]

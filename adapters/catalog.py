@@ -10,10 +10,25 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from quiver.errors import ModelNotFound
+from quiver.errors import InvalidRequest, ModelNotFound
 
 # ``name@v3`` names a version; every other ``name@x`` an alias (aliases never look like this).
 VERSION_REF = re.compile(r"v[0-9]+")
+# What a merged model directory carries beside its weights: the merge report, and the mark that Quiver made it.
+MERGE_FILE = "quiver_merge.json"
+
+
+def lora_name(name: str, number: int) -> str:
+    """The name vLLM knows version ``number`` of adapter ``name`` by: ``name@vN``."""
+    return f"{name}@v{number}"
+
+
+def parse_lora_name(model: str) -> tuple[str, int]:
+    """``name@vN`` as (name, N); InvalidRequest for anything else (an alias, a bare name)."""
+    name, _, ref = model.partition("@")
+    if not name or not VERSION_REF.fullmatch(ref):
+        raise InvalidRequest(f"'{model}' does not name a version; use NAME@vN, e.g. bot@v3", param="model")
+    return name, int(ref[1:])
 
 
 @dataclass(frozen=True)
@@ -36,7 +51,48 @@ class AdapterVersion:
     @property
     def lora_name(self) -> str:
         """The name vLLM knows this version by: ``name@vN``."""
-        return f"{self.name}@v{self.number}"
+        return lora_name(self.name, self.number)
+
+
+@dataclass(frozen=True)
+class Merge:
+    """A merged model of version ``number`` (``quiver merge``) at ``path``, with its equivalence report."""
+
+    name: str
+    number: int
+    path: Path
+    report: Mapping[str, Any] = field(compare=False, hash=False, repr=False)
+    created_at: datetime
+
+    @property
+    def lora_name(self) -> str:
+        """The version merged: ``name@vN``."""
+        return lora_name(self.name, self.number)
+
+    @property
+    def equivalent(self) -> bool:
+        """Whether the check found the merged model equivalent to base + adapter."""
+        return self.report.get("equivalent") is True
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Version ``number`` served by a dedicated server at ``url`` under the model name ``served_model``.
+
+    ``pid`` is the server's process when ``quiver deploy merged`` started it; None when registered by URL.
+    """
+
+    name: str
+    number: int
+    url: str
+    served_model: str
+    pid: int | None
+    created_at: datetime
+
+    @property
+    def lora_name(self) -> str:
+        """The version deployed: ``name@vN``, the key of ``Catalog.deployments``."""
+        return lora_name(self.name, self.number)
 
 
 @dataclass(frozen=True)
@@ -92,8 +148,9 @@ class Catalog:
     ``Registry.revision()`` to know when to take a new one.
     """
 
-    def __init__(self, adapters: Iterable[Adapter], revision: int = 0) -> None:
+    def __init__(self, adapters: Iterable[Adapter], revision: int = 0, deployments: Iterable[Deployment] = ()) -> None:
         self.revision = revision
+        self._deployments: Mapping[str, Deployment] = MappingProxyType({d.lora_name: d for d in deployments})
         self._adapters: Mapping[str, Adapter] = MappingProxyType({a.name: a for a in adapters})
         ids: dict[str, AdapterVersion] = {}
         for adapter in self._adapters.values():
@@ -108,6 +165,11 @@ class Catalog:
     def adapters(self) -> Mapping[str, Adapter]:
         """Every adapter by name."""
         return self._adapters
+
+    @property
+    def deployments(self) -> Mapping[str, Deployment]:
+        """Versions served by a dedicated server of their own, by ``name@vN``."""
+        return self._deployments
 
     @staticmethod
     def adapter_name(model: str) -> str:

@@ -99,6 +99,44 @@ routing = Table(
     Column("fallback", JSON, nullable=True),
 )
 
+# Merged models (``quiver merge``) of each version, with their equivalence reports; the newest one counts.
+merges = Table(
+    "merges",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("adapter_name", String(64), nullable=False),
+    Column("version_number", Integer, nullable=False),
+    # Absolute: a merged model lives wherever `quiver merge --output` put it (a shared volume on a cluster).
+    Column("path", String(1024), nullable=False),
+    Column("report", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    ForeignKeyConstraint(
+        ["adapter_name", "version_number"],
+        ["versions.adapter_name", "versions.number"],
+        name="fk_merges_version",
+        ondelete="CASCADE",
+    ),
+)
+
+# Versions served by a dedicated server of their own (a merged model, LoRA off); at most one per version.
+deployments = Table(
+    "deployments",
+    metadata,
+    Column("adapter_name", String(64), primary_key=True),
+    Column("version_number", Integer, primary_key=True),
+    Column("url", String(1024), nullable=False),
+    Column("served_model", String(256), nullable=False),
+    # The server's process when `quiver deploy merged` started it on this machine; None when registered by URL.
+    Column("pid", Integer, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    # No cascade: the database itself refuses to delete a version that is deployed.
+    ForeignKeyConstraint(
+        ["adapter_name", "version_number"],
+        ["versions.adapter_name", "versions.number"],
+        name="fk_deployments_version",
+    ),
+)
+
 # One row; every write transaction bumps it first, which also serializes writers.
 revision = Table(
     "revision",

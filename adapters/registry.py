@@ -21,10 +21,20 @@ from sqlalchemy.exc import IntegrityError
 
 from adapters import db
 from adapters.archive import UploadLimits, extract_archive
-from adapters.catalog import VERSION_REF, Adapter, AdapterRouting, AdapterVersion, Catalog
+from adapters.catalog import (
+    MERGE_FILE,
+    VERSION_REF,
+    Adapter,
+    AdapterRouting,
+    AdapterVersion,
+    Catalog,
+    Deployment,
+    Merge,
+    lora_name,
+)
 from adapters.promotion import DEFAULT_MARGIN, PROMOTED_ALIASES, promotion_refusal
 from adapters.spec import BaseModelSpec
-from adapters.store import LocalStore, digest
+from adapters.store import LocalStore, delete_tree, digest
 from adapters.validation import AdapterInfo, adapter_files, validate_adapter_dir
 from quiver.errors import Conflict, InvalidRequest, NotFound
 
@@ -196,7 +206,7 @@ class Registry:
     def snapshot(self) -> Catalog:
         """An immutable, consistent view of every adapter, tagged with the revision it was read at."""
         with self._engine.begin() as conn:
-            return Catalog(self._load(conn), revision=self._revision(conn))
+            return Catalog(self._load(conn), revision=self._revision(conn), deployments=self._deployments(conn))
 
     def resolve(self, model: str) -> AdapterVersion:
         """The version that ``name``, ``name@vN`` or ``name@alias`` means now; ModelNotFound otherwise.
@@ -308,12 +318,12 @@ class Registry:
         self._write(work)
 
     def delete_version(self, name: str, number: int) -> None:
-        """Delete version ``number`` and its files; Conflict while an alias points at it.
+        """Delete version ``number``, its files and its merged models; Conflict while an alias or a deployment uses it.
 
         Deleting the last version deletes the adapter.
         """
 
-        def work(conn: Connection) -> Path:
+        def work(conn: Connection) -> list[Path]:
             version = self._require_version(conn, name, number)
             pointing = conn.scalars(
                 select(db.aliases.c.alias)
@@ -325,8 +335,15 @@ class Registry:
                 raise Conflict(
                     f"{version.lora_name} is still pointed at by {names}; move or delete those aliases first"
                 )
-            ev = db.evaluations
-            conn.execute(delete(ev).where((ev.c.adapter_name == name) & (ev.c.version_number == number)))
+            deployment = self._deployment(conn, name, number)
+            if deployment is not None:
+                raise Conflict(
+                    f"{version.lora_name} is deployed at {deployment.url}; "
+                    f"remove the deployment first (quiver deploy rm {version.lora_name})"
+                )
+            merged = [m.path for m in self._merges(conn, name, number)]
+            for table in (db.evaluations, db.merges):
+                conn.execute(delete(table).where((table.c.adapter_name == name) & (table.c.version_number == number)))
             conn.execute(
                 delete(db.versions).where((db.versions.c.adapter_name == name) & (db.versions.c.number == number))
             )
@@ -335,11 +352,93 @@ class Registry:
             )
             if not remaining:
                 conn.execute(delete(db.adapters).where(db.adapters.c.name == name))
-            return version.path
+            return [version.path, *merged]
 
-        path = self._write(work)
+        path, *merged = self._write(work)
         # Files go only after the row is gone: a visible version always has its directory.
         self._store.remove(path)
+        for directory in merged:
+            # Only a directory Quiver's merge wrote: the path is whatever `--output` said.
+            if (directory / MERGE_FILE).is_file():
+                delete_tree(directory)
+
+    # -- merges and deployments -----------------------------------------------------------------
+
+    def record_merge(self, name: str, number: int, path: Path, report: dict[str, Any]) -> Merge:
+        """Store a merged model of version ``number`` (its directory and equivalence report)."""
+
+        def work(conn: Connection) -> Merge:
+            self._require_version(conn, name, number)
+            conn.execute(
+                insert(db.merges).values(
+                    adapter_name=name,
+                    version_number=number,
+                    path=str(path.resolve()),
+                    report=report,
+                    created_at=datetime.now(UTC),
+                )
+            )
+            return self._merges(conn, name, number)[-1]
+
+        return self._write(work)
+
+    def merges(self, name: str, number: int) -> list[Merge]:
+        """Every merge recorded for version ``number``, oldest first; NotFound for an unknown version."""
+        with self._engine.begin() as conn:
+            self._require_version(conn, name, number)
+            return self._merges(conn, name, number)
+
+    def latest_merge(self, name: str, number: int) -> Merge | None:
+        """The newest merge of version ``number``, or None when it was never merged."""
+        merges = self.merges(name, number)
+        return merges[-1] if merges else None
+
+    def add_deployment(self, name: str, number: int, url: str, served_model: str, pid: int | None = None) -> Deployment:
+        """Register a dedicated server at ``url`` serving version ``number`` as ``served_model``.
+
+        Conflict when the version already has one: a version is deployed at most once.
+        """
+
+        def work(conn: Connection) -> Deployment:
+            self._check_deployable(conn, name, number)
+            conn.execute(
+                insert(db.deployments).values(
+                    adapter_name=name,
+                    version_number=number,
+                    url=url.rstrip("/"),
+                    served_model=served_model,
+                    pid=pid,
+                    created_at=datetime.now(UTC),
+                )
+            )
+            created = self._deployment(conn, name, number)
+            assert created is not None  # just inserted, same transaction
+            return created
+
+        return self._write(work)
+
+    def check_deployable(self, name: str, number: int) -> AdapterVersion:
+        """What ``add_deployment`` would refuse (NotFound, Conflict), checked before a server is started for it."""
+        with self._engine.begin() as conn:
+            return self._check_deployable(conn, name, number)
+
+    def remove_deployment(self, name: str, number: int) -> Deployment:
+        """Unregister version ``number``'s deployment, so its traffic returns to the adapter; NotFound if none."""
+
+        def work(conn: Connection) -> Deployment:
+            existing = self._deployment(conn, name, number)
+            if existing is None:
+                raise NotFound(f"{lora_name(name, number)} is not deployed", param="model")
+            d = db.deployments
+            conn.execute(delete(d).where((d.c.adapter_name == name) & (d.c.version_number == number)))
+            return existing
+
+        return self._write(work)
+
+    def deployments(self) -> list[Deployment]:
+        """Every deployment, by name and version."""
+        with self._engine.begin() as conn:
+            return self._deployments(conn)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -422,6 +521,53 @@ class Registry:
             )
             for row in conn.execute(adapter_q).mappings()
         ]
+
+    def _merges(self, conn: Connection, name: str, number: int) -> list[Merge]:
+        m = db.merges
+        rows = conn.execute(
+            select(m).where((m.c.adapter_name == name) & (m.c.version_number == number)).order_by(m.c.id)
+        ).mappings()
+        return [
+            Merge(
+                name=row["adapter_name"],
+                number=row["version_number"],
+                path=Path(row["path"]),
+                report=MappingProxyType(row["report"]),
+                created_at=_utc(row["created_at"]),
+            )
+            for row in rows
+        ]
+
+    def _deployments(self, conn: Connection, name: str | None = None, number: int | None = None) -> list[Deployment]:
+        d = db.deployments
+        query = select(d).order_by(d.c.adapter_name, d.c.version_number)
+        if name is not None:
+            query = query.where((d.c.adapter_name == name) & (d.c.version_number == number))
+        return [
+            Deployment(
+                name=row["adapter_name"],
+                number=row["version_number"],
+                url=row["url"],
+                served_model=row["served_model"],
+                pid=row["pid"],
+                created_at=_utc(row["created_at"]),
+            )
+            for row in conn.execute(query).mappings()
+        ]
+
+    def _check_deployable(self, conn: Connection, name: str, number: int) -> AdapterVersion:
+        version = self._require_version(conn, name, number)
+        existing = self._deployment(conn, name, number)
+        if existing is not None:
+            raise Conflict(
+                f"{version.lora_name} is already deployed at {existing.url}; "
+                f"remove that deployment first (quiver deploy rm {version.lora_name})"
+            )
+        return version
+
+    def _deployment(self, conn: Connection, name: str, number: int) -> Deployment | None:
+        found = self._deployments(conn, name, number)
+        return found[0] if found else None
 
     def _version_by_sha(self, conn: Connection, name: str, sha256: str) -> AdapterVersion | None:
         row = (

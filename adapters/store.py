@@ -51,7 +51,7 @@ class LocalStore:
         try:
             yield path
         finally:
-            _delete_tree(path)
+            delete_tree(path)
 
     def commit(self, staged: Path, name: str, sha256: str) -> Path:
         """Make ``staged`` the durable, read-only version directory ``<root>/<name>/<sha256>/``.
@@ -59,15 +59,11 @@ class LocalStore:
         An existing directory with the same content (a retried or concurrent push) is reused.
         """
         final = self.root / name / sha256
-        # Children before parents, so that each directory is flushed after what it lists.
-        for path in [*sorted(staged.rglob("*"), reverse=True), staged]:
-            # Read-only for everyone: vLLM may run as another user; nobody may change a version.
-            path.chmod(0o444 if path.is_file() else 0o555)
-            _fsync(path)
+        seal(staged)
         for _ in range(3):  # a concurrent delete may remove <root>/<name> between mkdir and rename
             if not final.parent.is_dir():
                 final.parent.mkdir(exist_ok=True)
-                _fsync(self.root)
+                fsync(self.root)
             try:
                 os.rename(staged, final)
             except FileNotFoundError:
@@ -80,13 +76,13 @@ class LocalStore:
                 # A damaged leftover whose content does not match its name: replace it.
                 self.remove(final, keep_parent=True)
                 continue
-            _fsync(final.parent)
+            fsync(final.parent)
             return final
         raise OSError(f"could not move {staged} to {final}")
 
     def remove(self, path: Path, *, keep_parent: bool = False) -> None:
         """Delete a version directory, and its adapter's directory once that is empty."""
-        _delete_tree(path)
+        delete_tree(path)
         if not keep_parent:
             try:
                 path.parent.rmdir()
@@ -106,20 +102,32 @@ class LocalStore:
             except FileNotFoundError:
                 continue  # its push just finished
             if stale:
-                _delete_tree(path)
+                delete_tree(path)
                 removed += 1
         return removed
 
 
-def _delete_tree(path: Path) -> None:
-    """``rmtree`` that also deletes trees ``commit`` made read-only; a missing tree is fine."""
+def seal(root: Path) -> None:
+    """Make a finished tree read-only and flush it to disk, children before parents.
+
+    Each directory is flushed after what it lists. Read-only for everyone: vLLM may run as another
+    user, and nobody may change what it serves.
+    """
+    for path in [*sorted(root.rglob("*"), reverse=True), root]:
+        path.chmod(0o444 if path.is_file() else 0o555)
+        fsync(path)
+
+
+def delete_tree(path: Path) -> None:
+    """``rmtree`` that also deletes trees ``seal`` made read-only; a missing tree is fine."""
     with suppress(FileNotFoundError):
         for directory in [path, *(p for p in path.rglob("*") if p.is_dir() and not p.is_symlink())]:
             directory.chmod(0o755)  # entries of a read-only directory cannot be unlinked
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file or directory entry to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -250,3 +250,64 @@ def _summary(run: Run) -> dict[str, float]:
         "ttft_p50_ms": round(run.ttft_p50_ms(), 1),
         "errors": run.errors,
     }
+
+
+def run_merged(
+    base_dir: Path, adapter_dir: Path, merged_dir: Path, out_dir: Path, console: Console, *, rounds: int = 4,
+    requests: int = 24, concurrency: int = 4, max_tokens: int = 32,
+) -> dict[str, Run]:  # fmt: skip
+    """Merged (own vLLM, LoRA off) vs the adapter on the LoRA pool vs the base on the pool; prints and records."""
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="quiver-bench-merged-") as tmp:
+        work = Path(tmp)
+        with console.status("Starting the LoRA pool vLLM and the merged model's vLLM"):
+            pool = _vllm(stack, base_dir, work, "pool", slots=1)
+            merged = _vllm(stack, merged_dir, work, "merged", slots=1, lora=False)
+        response = httpx.post(
+            f"{pool}/v1/load_lora_adapter", json={"lora_name": "adapter", "lora_path": str(adapter_dir)}, timeout=120
+        )
+        response.raise_for_status()
+        base = httpx.get(f"{pool}/v1/models", timeout=10).json()["data"][0]["id"]
+        targets = {"merged": (merged, "merged"), "unmerged": (pool, "adapter"), "base": (pool, base)}
+        with console.status(f"{rounds} alternating rounds of {requests} streamed requests per target"):
+            runs = asyncio.run(
+                compare_targets(
+                    targets, rounds=rounds, requests=requests, concurrency=concurrency, max_tokens=max_tokens
+                )
+            )
+    config = {"rounds": rounds, "requests_per_round": requests, "concurrency": concurrency, "max_tokens": max_tokens}
+    _report_merged(runs, config, out_dir, console)
+    return runs
+
+
+def _report_merged(runs: dict[str, Run], config: dict[str, int], out_dir: Path, console: Console) -> None:
+    base = runs["base"].tokens_per_s
+    ratios = {name: (run.tokens_per_s / base if base else 0.0) for name, run in runs.items()}
+    met = ratios["merged"] >= TARGET_MERGED_VS_BASE
+    table = Table(title=f"Merged vs unmerged vs base, streamed (target: merged >= {TARGET_MERGED_VS_BASE}x base)")
+    for column in ("served as", "tokens/s", "vs base", "TTFT p50", "errors"):
+        table.add_column(column, justify="right")
+    for name, run in runs.items():
+        table.add_row(
+            name, f"{run.tokens_per_s:.1f}", f"{ratios[name]:.2f}x", f"{run.ttft_p50_ms():.0f} ms", str(run.errors)
+        )
+    console.print(table)
+    now = datetime.now(UTC)
+    lines = [
+        f"Measured on {now:%Y-%m-%d} ({os.cpu_count()} CPUs, no GPU): one rank-8 adapter served three ways, the same "
+        f"streamed prompts, {config['concurrency']} in flight, {config['max_tokens']} tokens per answer, "
+        f"{config['rounds']} alternating rounds. Merged: its own vLLM with LoRA off; unmerged and base: one vLLM "
+        "with LoRA on (`--max-lora-rank 16`).",
+        "",
+        "| served as | tokens/s | vs base | TTFT p50 | errors |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {n} | {r.tokens_per_s:.1f} | {ratios[n]:.2f}x | {r.ttft_p50_ms():.0f} ms | {r.errors} |"
+            for n, r in runs.items()
+        ),
+        "",
+        f"Merged / base: **{ratios['merged']:.2f}x** "
+        f"(target >= {TARGET_MERGED_VS_BASE}x: {'met' if met else 'missed'}).",
+    ]
+    results = {"merged": {"config": config, "runs": {n: _summary(r) for n, r in runs.items()}, "ratios": ratios}}
+    path = benchmarks.record(out_dir, results, "Merged vs unmerged vs base", "\n".join(lines), now)
+    console.print(f"wrote {path} and BENCHMARKS.md")
