@@ -30,11 +30,10 @@ AUTO = "auto"
 
 
 @dataclass(frozen=True)
-class BaseOnReplica:
-    """The shared base model itself, on a vLLM replica."""
+class _OnReplica:
+    """Something answered by a replica of the LoRA pool, whose context window is the replica's."""
 
     member: Member
-    upstream_model: str
 
     @property
     def context_tokens(self) -> int | None:
@@ -43,6 +42,13 @@ class BaseOnReplica:
     @property
     def upstream(self) -> Upstream:
         return self.member.replica
+
+
+@dataclass(frozen=True)
+class BaseOnReplica(_OnReplica):
+    """The shared base model itself, on a vLLM replica."""
+
+    upstream_model: str
 
     @property
     def served_by(self) -> str:
@@ -50,19 +56,10 @@ class BaseOnReplica:
 
 
 @dataclass(frozen=True)
-class AdapterOnReplica:
+class AdapterOnReplica(_OnReplica):
     """One adapter version, loaded on demand into a vLLM replica."""
 
-    member: Member
     version: AdapterVersion
-
-    @property
-    def context_tokens(self) -> int | None:
-        return self.member.replica.max_model_len
-
-    @property
-    def upstream(self) -> Upstream:
-        return self.member.replica
 
     @property
     def upstream_model(self) -> str:
@@ -96,20 +93,11 @@ class MergedDeployment:
 
 
 @dataclass(frozen=True)
-class RagOnReplica:
+class RagOnReplica(_OnReplica):
     """Retrieval from a collection, answered by the base model on a vLLM replica."""
 
-    member: Member
     collection: str
     upstream_model: str
-
-    @property
-    def context_tokens(self) -> int | None:
-        return self.member.replica.max_model_len
-
-    @property
-    def upstream(self) -> Upstream:
-        return self.member.replica
 
     @property
     def served_by(self) -> str:

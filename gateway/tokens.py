@@ -88,8 +88,8 @@ class PromptMeter:
             messages = [
                 {"role": m.get("role", "user"), "content": _text(m.get("content"))} for m in payload["messages"]
             ]
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return len(ids["input_ids"] if isinstance(ids, dict) else ids)
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            return len(ids)
         prompt = payload.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             return len(prompt)

@@ -8,6 +8,8 @@ registers a server that runs elsewhere (``--url``, e.g. a Kubernetes Deployment)
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,14 +95,32 @@ def start_merged(
         raise
 
 
-def remove(registry: Registry, name: str, number: int, grace_s: float = 20.0) -> tuple[Deployment, bool]:
+def remove(
+    registry: Registry, name: str, number: int, grace_s: float = 20.0, *, settle_s: float = 3.0, drain_s: float = 60.0
+) -> tuple[Deployment, bool]:
     """Unregister the deployment first (its traffic returns to the adapter), then stop its server.
 
-    Only a server ``quiver deploy merged`` started here, and only while its pid is still that vLLM.
-    Returns the deployment and whether a server was stopped.
+    Only a server ``quiver deploy merged`` started here, and only while its pid is still that vLLM; and only
+    once gateways have seen the change (``settle_s``, a few registry refreshes) and the requests it was
+    serving have finished (up to ``drain_s``), so no answer is cut off. Returns the deployment and whether a
+    server was stopped.
     """
     deployment = registry.remove_deployment(name, number)
     if deployment.pid is None or deployment.served_model not in vllm_command_line(deployment.pid):
         return deployment, False
+    time.sleep(settle_s)
+    deadline = time.monotonic() + drain_s
+    while time.monotonic() < deadline and requests_in_progress(deployment.url) > 0:
+        time.sleep(0.2)
     stop_detached(deployment.pid, grace_s)
     return deployment, True
+
+
+def requests_in_progress(url: str) -> int:
+    """Requests a vLLM is running or has queued, from its Prometheus metrics (0 when it does not answer)."""
+    try:
+        text = httpx.get(f"{url.rstrip('/')}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return 0
+    pattern = r"^vllm:num_requests_(?:running|waiting)\{[^}]*\} ([0-9.e+]+)$"
+    return int(sum(float(v) for v in re.findall(pattern, text, flags=re.MULTILINE)))

@@ -10,8 +10,8 @@ import pytest
 
 from gateway import Settings
 from quiver import embedded
-from quiver.vllm_server import VllmServer, free_port
-from tests.servers import GatewayServer, running_gateway
+from quiver.vllm_server import VllmServer
+from tests.servers import GatewayServer, running_gateway, running_vllm
 
 # The session's vLLM keeps this many adapters; gateways under test use fewer to exercise the LRU.
 VLLM_MAX_LORAS = 4
@@ -39,20 +39,9 @@ def base_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def vllm(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     """One real vLLM server with runtime LoRA for the whole session."""
-    server = VllmServer(
-        model=str(base_model_dir),
-        served_name=embedded.SERVED_NAME,
-        port=free_port(),
-        log_path=tmp_path_factory.mktemp("vllm") / "vllm.log",
-        max_loras=VLLM_MAX_LORAS,
-        max_lora_rank=16,
-    )
-    server.start()
-    try:
-        server.wait_ready(timeout_s=600)
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    with running_vllm(base_model_dir, log, max_loras=VLLM_MAX_LORAS, max_lora_rank=16) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -7,12 +7,15 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
 
 from gateway import Settings, create_app
-from quiver.vllm_server import free_port
+from quiver import embedded
+from quiver.vllm_server import VllmServer, free_port
 
 
 class GatewayServer:
@@ -58,6 +61,20 @@ class GatewayServer:
         """Current value of one sample of the gateway's Prometheus metrics (0 when absent)."""
         value = self.gateway.metrics.registry.get_sample_value(name, labels)
         return float(value or 0.0)
+
+
+@contextmanager
+def running_vllm(model_dir: Path, log_path: Path, **options: Any) -> Iterator[VllmServer]:
+    """A real vLLM serving the embedded model's name on a free port until the block ends."""
+    server = VllmServer(
+        model=str(model_dir), served_name=embedded.SERVED_NAME, port=free_port(), log_path=log_path, **options
+    )
+    server.start()
+    try:
+        server.wait_ready(timeout_s=600)
+        yield server
+    finally:
+        server.stop()
 
 
 @contextmanager

@@ -10,9 +10,9 @@ import pytest
 
 from gateway import Settings
 from quiver import embedded
-from quiver.vllm_server import VllmServer, free_port
+from quiver.vllm_server import VllmServer
 from tests.integration.openai_helpers import QUESTION, greedy, push
-from tests.servers import running_gateway, wait_until
+from tests.servers import running_gateway, running_vllm, wait_until
 
 # The second replica allows longer prompts, so it doubles as the larger-context frontier below.
 SECOND_MAX_MODEL_LEN = 4096
@@ -20,21 +20,9 @@ SECOND_MAX_MODEL_LEN = 4096
 
 @pytest.fixture(scope="module")
 def second_vllm(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    server = VllmServer(
-        model=str(base_model_dir),
-        served_name=embedded.SERVED_NAME,
-        port=free_port(),
-        log_path=tmp_path_factory.mktemp("vllm2") / "vllm.log",
-        max_loras=4,
-        max_lora_rank=16,
-        max_model_len=SECOND_MAX_MODEL_LEN,
-    )
-    server.start()
-    try:
-        server.wait_ready(timeout_s=600)
+    log = tmp_path_factory.mktemp("vllm2") / "vllm.log"
+    with running_vllm(base_model_dir, log, max_loras=4, max_lora_rank=16, max_model_len=SECOND_MAX_MODEL_LEN) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def replicas(gateway_url: str) -> dict[str, dict[str, object]]:

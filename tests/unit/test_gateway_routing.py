@@ -15,6 +15,7 @@ from gateway.metrics import Metrics
 from gateway.policy import RoutingPolicy
 from gateway.pool import Member, ReplicaPool
 from gateway.residency import Residency
+from gateway.tokens import PromptMeter
 from gateway.upstream import VllmReplica
 from tests.unit.test_gateway_app import COMPLETION, _client
 from tests.unit.test_gateway_upstream import FakeVllm, version
@@ -150,3 +151,16 @@ def test_base_requests_go_to_the_least_busy_replica() -> None:
     for member, load in zip(pool.members, (3, 1, 2), strict=True):
         member.in_flight = load
     assert [m.name for m in pool.place(None)] == ["r1", "r2", "r0"]
+
+
+async def test_prompt_meter_counts_with_the_base_tokenizer_only_past_the_bound(base_model_dir: Path) -> None:
+    meter = PromptMeter(base_model_dir)
+    short = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+    assert PromptMeter.bound(short) < 2048 and await meter.fits(short, 2048, frontier=False)
+    long = {"messages": [{"role": "user", "content": "word " * 1000}], "max_tokens": 100}
+    assert PromptMeter.bound(long) > 1000
+    # About 1,000 tokens of prompt: fits 2048 with 100 to generate, not 1024.
+    assert await meter.fits(long, 2048, frontier=False)
+    assert not await meter.fits(long, 1024, frontier=False)
+    assert not await meter.fits(long, 1024, frontier=True)  # tiktoken's count for frontier models
+    assert await meter.fits(long, None, frontier=False), "an unknown context window is not checked"
