@@ -343,13 +343,7 @@ class Registry:
         """
 
         def work(conn: Connection) -> Deployment:
-            version = self._require_version(conn, name, number)
-            existing = self._deployment(conn, name, number)
-            if existing is not None:
-                raise Conflict(
-                    f"{version.lora_name} is already deployed at {existing.url}; "
-                    f"remove that deployment first (quiver deploy rm {version.lora_name})"
-                )
+            self._check_deployable(conn, name, number)
             conn.execute(
                 insert(db.deployments).values(
                     adapter_name=name,
@@ -365,6 +359,11 @@ class Registry:
             return created
 
         return self._write(work)
+
+    def check_deployable(self, name: str, number: int) -> AdapterVersion:
+        """What ``add_deployment`` would refuse (NotFound, Conflict), checked before a server is started for it."""
+        with self._engine.begin() as conn:
+            return self._check_deployable(conn, name, number)
 
     def remove_deployment(self, name: str, number: int) -> Deployment:
         """Unregister version ``number``'s deployment, so its traffic returns to the adapter; NotFound if none."""
@@ -493,6 +492,16 @@ class Registry:
             )
             for row in conn.execute(query).mappings()
         ]
+
+    def _check_deployable(self, conn: Connection, name: str, number: int) -> AdapterVersion:
+        version = self._require_version(conn, name, number)
+        existing = self._deployment(conn, name, number)
+        if existing is not None:
+            raise Conflict(
+                f"{version.lora_name} is already deployed at {existing.url}; "
+                f"remove that deployment first (quiver deploy rm {version.lora_name})"
+            )
+        return version
 
     def _deployment(self, conn: Connection, name: str, number: int) -> Deployment | None:
         found = self._deployments(conn, name, number)

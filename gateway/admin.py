@@ -1,4 +1,4 @@
-"""The registry's HTTP API: upload adapter versions, list them, move aliases, delete versions."""
+"""The registry's HTTP API: upload adapter versions, list them, move aliases, delete versions; deployments."""
 
 from __future__ import annotations
 
@@ -11,13 +11,22 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
-from adapters import Adapter, AdapterVersion
+from adapters import Adapter, AdapterVersion, Deployment, parse_lora_name
 from gateway.deps import GatewayDep
-from gateway.protocol import AdapterList, AdapterPublic, AliasUpdate, PushPublic, VersionPublic
+from gateway.protocol import (
+    AdapterList,
+    AdapterPublic,
+    AliasUpdate,
+    DeploymentList,
+    DeploymentPublic,
+    PushPublic,
+    VersionPublic,
+)
 from gateway.uploads import check_length, form_schema, spool
 from quiver.errors import InvalidRequest
 
-router = APIRouter(prefix="/v1/adapters")
+adapters_router = APIRouter(prefix="/v1/adapters")
+deployments_router = APIRouter(prefix="/v1/deployments")
 
 _UPLOAD_SCHEMA = form_schema(
     name={"type": "string", "description": "Adapter name"},
@@ -53,7 +62,7 @@ def adapter_public(adapter: Adapter, *, manifest: bool = False) -> AdapterPublic
     )
 
 
-@router.post("", status_code=201, response_model=PushPublic, openapi_extra=_UPLOAD_SCHEMA)
+@adapters_router.post("", status_code=201, response_model=PushPublic, openapi_extra=_UPLOAD_SCHEMA)
 async def push(request: Request, gateway: GatewayDep, response: Response) -> PushPublic:
     """Upload a new version (multipart ``name`` and ``file``); identical content returns the existing one with 200."""
     limit = gateway.settings.max_upload_bytes
@@ -81,20 +90,20 @@ async def push(request: Request, gateway: GatewayDep, response: Response) -> Pus
     return PushPublic(name=name, created=result.created, version=version_public(result.version, aliases))
 
 
-@router.get("", response_model=AdapterList)
+@adapters_router.get("", response_model=AdapterList)
 async def list_adapters(gateway: GatewayDep) -> AdapterList:
     """Every adapter with its versions and aliases."""
     adapters = await gateway.registry.call(gateway.registry.registry.adapters)
     return AdapterList(data=[adapter_public(a) for a in adapters])
 
 
-@router.get("/{name}", response_model=AdapterPublic)
+@adapters_router.get("/{name}", response_model=AdapterPublic)
 async def get_adapter(name: str, gateway: GatewayDep) -> AdapterPublic:
     """One adapter, or 404."""
     return adapter_public(await gateway.registry.call(gateway.registry.registry.adapter, name), manifest=True)
 
 
-@router.put("/{name}/aliases/{alias}", response_model=AdapterPublic)
+@adapters_router.put("/{name}/aliases/{alias}", response_model=AdapterPublic)
 async def set_alias(name: str, alias: str, body: AliasUpdate, gateway: GatewayDep) -> AdapterPublic:
     """Point ``name@alias`` at a version; takes effect on the next request. ``prod`` needs a passing eval report."""
     registry = gateway.registry
@@ -102,16 +111,51 @@ async def set_alias(name: str, alias: str, body: AliasUpdate, gateway: GatewayDe
     return adapter_public(moved)
 
 
-@router.delete("/{name}/aliases/{alias}", status_code=204)
+@adapters_router.delete("/{name}/aliases/{alias}", status_code=204)
 async def delete_alias(name: str, alias: str, gateway: GatewayDep) -> Response:
     """Remove an alias."""
     await gateway.registry.call(gateway.registry.registry.delete_alias, name, alias)
     return Response(status_code=204)
 
 
-@router.delete("/{name}/versions/{number}", status_code=204)
+@adapters_router.delete("/{name}/versions/{number}", status_code=204)
 async def delete_version(name: str, number: int, gateway: GatewayDep) -> Response:
     """Delete a version; refused with 409 while an alias points at it."""
     await gateway.registry.call(gateway.registry.registry.delete_version, name, number)
     await gateway.residency.discard(f"{name}@v{number}")
     return Response(status_code=204)
+
+
+def deployment_public(deployment: Deployment) -> DeploymentPublic:
+    """Wire form of one deployment."""
+    return DeploymentPublic(
+        model=deployment.lora_name,
+        name=deployment.name,
+        version=deployment.number,
+        url=deployment.url,
+        served_model=deployment.served_model,
+        pid=deployment.pid,
+        created_at=deployment.created_at,
+    )
+
+
+@deployments_router.get("", response_model=DeploymentList)
+async def list_deployments(gateway: GatewayDep) -> DeploymentList:
+    """Every version served by a dedicated server of its own."""
+    deployments = await gateway.registry.call(gateway.registry.registry.deployments)
+    return DeploymentList(data=[deployment_public(d) for d in deployments])
+
+
+@deployments_router.delete("/{model}", response_model=DeploymentPublic)
+async def delete_deployment(model: str, gateway: GatewayDep) -> DeploymentPublic:
+    """Unregister ``name@vN``'s deployment: its traffic returns to the adapter. The server itself keeps running
+    (it may be on another machine); ``quiver deploy rm`` also stops one that quiver started."""
+    name, number = parse_lora_name(model)
+    removed = await gateway.registry.call(gateway.registry.registry.remove_deployment, name, number)
+    return deployment_public(removed)
+
+
+# The app includes this one router: adapters and deployments.
+router = APIRouter()
+router.include_router(adapters_router)
+router.include_router(deployments_router)

@@ -124,6 +124,26 @@ class PushPublic(BaseModel):
     version: VersionPublic
 
 
+class DeploymentPublic(BaseModel):
+    """A version served by a dedicated server of its own (``quiver deploy merged``)."""
+
+    object: Literal["deployment"] = "deployment"
+    model: str = Field(description="The version deployed, name@vN; requests for it go to the server")
+    name: str
+    version: int
+    url: str
+    served_model: str = Field(description="The model name the server answers to")
+    pid: int | None = Field(None, description="The server's process, when quiver started it")
+    created_at: datetime
+
+
+class DeploymentList(BaseModel):
+    """``GET /v1/deployments``."""
+
+    object: Literal["list"] = "list"
+    data: list[DeploymentPublic]
+
+
 class AliasUpdate(BaseModel):
     """Body of ``PUT /v1/adapters/{name}/aliases/{alias}``."""
 

@@ -52,7 +52,10 @@ def has_cuda() -> bool:
 
 @dataclass
 class VllmServer:
-    """One vLLM process serving ``model`` with runtime LoRA loading enabled."""
+    """One vLLM process serving ``model`` with runtime LoRA loading enabled (``enable_lora=False``: LoRA off).
+
+    ``detach=True`` lets the process outlive the one that started it (a merged deployment outlives the CLI).
+    """
 
     model: str
     served_name: str
@@ -63,6 +66,8 @@ class VllmServer:
     max_lora_rank: int = 16
     max_model_len: int = 2048
     extra_args: tuple[str, ...] = ()
+    enable_lora: bool = True
+    detach: bool = False
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -83,13 +88,7 @@ class VllmServer:
             self.host,
             "--port",
             str(self.port),
-            "--enable-lora",
-            "--max-loras",
-            str(self.max_loras),
-            "--max-cpu-loras",
-            str(self.max_loras),
-            "--max-lora-rank",
-            str(self.max_lora_rank),
+            *self._lora_args(),
             "--max-model-len",
             str(self.max_model_len),
             "--dtype",
@@ -97,10 +96,25 @@ class VllmServer:
             *self.extra_args,
         ]
 
+    def _lora_args(self) -> list[str]:
+        if not self.enable_lora:
+            return []
+        loras = str(self.max_loras)
+        return [
+            "--enable-lora",
+            "--max-loras",
+            loras,
+            "--max-cpu-loras",
+            loras,
+            "--max-lora-rank",
+            str(self.max_lora_rank),
+        ]
+
     def environment(self) -> dict[str, str]:
-        """Runtime LoRA loading on; on a CPU, a KV cache that fits next to everything else."""
+        """Runtime LoRA loading on (with LoRA); on a CPU, a KV cache that fits next to everything else."""
         env = dict(os.environ)
-        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        if self.enable_lora:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
         if not has_cuda():
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -119,7 +133,7 @@ class VllmServer:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the supervisor, which stops vLLM in order.
-            preexec_fn=_die_with_parent,
+            preexec_fn=None if self.detach else _die_with_parent,
         )
         log.close()
 
@@ -164,13 +178,55 @@ class VllmServer:
         process = self.process
         if process is None or process.poll() is not None:
             return
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+
+        def exited(timeout_s: float) -> bool:
             try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                process.wait(wait)
-                return
+                process.wait(timeout_s)
+                return True
             except subprocess.TimeoutExpired:
-                continue
+                return False
+
+        stop_group(process.pid, exited, grace_s)
+
+
+def stop_group(pid: int, exited: Callable[[float], bool], grace_s: float = 20.0) -> None:
+    """SIGTERM the process group led by ``pid``, then SIGKILL when ``exited(timeout)`` says it did not exit."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        if exited(wait):
+            return
+
+
+def stop_detached(pid: int, grace_s: float = 20.0) -> None:
+    """Stop a vLLM started with ``detach=True`` by an earlier process, which cannot ``wait`` for it."""
+
+    def exited(timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not running(pid):
+                return True
+            time.sleep(0.2)
+        return not running(pid)
+
+    stop_group(pid, exited, grace_s)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, dead but not yet reaped by its parent, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def vllm_command_line(pid: int) -> list[str]:
+    """The command line of ``pid`` when it is a vLLM OpenAI server, else an empty list (also when it is gone)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return []
+    return args if "vllm.entrypoints.openai.api_server" in args else []
