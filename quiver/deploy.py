@@ -51,6 +51,7 @@ def start_merged(
     host: str = "127.0.0.1",
     timeout_s: float = 600.0,
     on_wait: Callable[[str], None] | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> Deployment:
     """Start a detached vLLM (LoRA off) for the version's newest merge, wait until it lists the model, register it.
 
@@ -75,6 +76,7 @@ def start_merged(
         port=port,
         log_path=log_dir / f"deploy-{lora_name}.log",
         host=host,
+        extra_args=extra_args,
         enable_lora=False,
         detach=True,
     )
