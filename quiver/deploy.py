@@ -15,7 +15,7 @@ import httpx
 
 from adapters import AdapterVersion, Deployment, Registry
 from quiver.errors import Conflict, InvalidRequest, UpstreamError
-from quiver.vllm_server import VllmServer, stop_detached, vllm_command_line
+from quiver.vllm_server import VllmServer, port_in_use, stop_detached, vllm_command_line
 
 
 def served_models(url: str, timeout_s: float = 10.0) -> list[str]:
@@ -70,6 +70,8 @@ def start_merged(
         )
     if not (merge.path / "config.json").is_file():
         raise Conflict(f"the merged model of {lora_name} is missing from {merge.path}; run `quiver merge {lora_name}`")
+    if port_in_use(host, port):
+        raise InvalidRequest(f"port {port} on {host} is already in use; pick another with --port", param="port")
     server = VllmServer(
         model=str(merge.path),
         served_name=lora_name,
@@ -87,7 +89,7 @@ def start_merged(
             raise UpstreamError(f"vLLM at {server.url} does not list {lora_name}; log {server.log_path}")
         assert server.process is not None
         return registry.add_deployment(version.name, version.number, server.url, lora_name, pid=server.process.pid)
-    except RuntimeError as e:  # port taken, vLLM died or did not come up; the message has its log
+    except RuntimeError as e:  # vLLM died or did not come up; the message has its log
         server.stop()
         raise UpstreamError(str(e)) from e
     except BaseException:
