@@ -24,8 +24,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from adapters.catalog import AdapterVersion
+from adapters.catalog import MERGE_FILE, AdapterVersion
 from adapters.store import delete_tree, fsync, seal
+from quiver.errors import InvalidRequest
 
 # Short, varied chat turns: facts, arithmetic, code, instructions, open-ended text.
 GOLDEN_PROMPTS = (
@@ -49,7 +50,6 @@ CHECK_DTYPE = torch.float32
 # Measured on the embedded SmolLM2-135M (30 layers) with three random rank-8 adapters on q/v, 8 prompts
 # x 16 tokens each: fp32 saves differ by at most 3e-5; bf16 saves by at most 0.062, all tokens identical.
 LOGPROB_TOLERANCE: Mapping[torch.dtype, float] = {torch.float32: 1e-2, torch.bfloat16: 0.15}
-MERGE_FILE = "quiver_merge.json"
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,10 @@ def merge_version(
     ``force``; ``saved`` says which.
     """
     dtype = dtype or model_dtype(base_dir)
+    if dtype not in LOGPROB_TOLERANCE:
+        raise InvalidRequest(
+            f"cannot save a merged model in {dtype}; use torch.bfloat16 or torch.float32", param="dtype"
+        )
     started = time.monotonic()
     # Always the full-precision base, even for an adapter trained with QLoRA on a 4-bit base: vLLM serves
     # the adapter on the full-precision base, so that is what the merged model must reproduce; and
@@ -237,8 +241,7 @@ def chat_inputs(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> C
         str(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True))
         for p in prompts
     ]
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    encoded = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
     return ChatBatch(encoded["input_ids"].to(_device()), encoded["attention_mask"].to(_device()))
 
 

@@ -406,7 +406,8 @@ def merge(
         err.print("[red]not equivalent[/]: nothing saved or recorded (--force keeps it for inspection)")
         raise typer.Exit(1)
     state = "equivalent" if report.equivalent else "[red]NOT equivalent[/] (kept by --force)"
-    console.print(f"merged {version.lora_name} ({state}) into [bold]{report.path}[/] in {report.merge_s:.0f} s")
+    took = report.merge_s + report.check_s
+    console.print(f"merged {version.lora_name} ({state}) into [bold]{report.path}[/] in {took:.0f} s")
 
 
 def _merge_table(report: MergeReport) -> Table:
@@ -435,6 +436,10 @@ def deploy_merged(
         str | None, typer.Option(help="With --url: the model name that server answers to (default: NAME@vN).")
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for vLLM to come up.")] = 600.0,
+    vllm_arg: Annotated[
+        list[str] | None,
+        typer.Option(help="An extra vLLM flag, repeatable: --vllm-arg=--enforce-eager --vllm-arg=--max-num-seqs=64."),
+    ] = None,
 ) -> None:
     """Serve a version from its merged model on a dedicated vLLM (LoRA off); the gateway routes it there.
 
@@ -458,6 +463,7 @@ def deploy_merged(
                 deployment = deploy.start_merged(
                     registry, version, port=port or free_port(), log_dir=settings.data_dir / "logs",
                     timeout_s=timeout, on_wait=lambda line: status.update(f"Starting vLLM: {line[-100:]}"),
+                    extra_args=tuple(vllm_arg or ()),
                 )  # fmt: skip
     except QuiverError as exc:
         _fail(exc)

@@ -17,7 +17,7 @@ import httpx
 
 from adapters import AdapterVersion, Deployment, Registry
 from quiver.errors import Conflict, InvalidRequest, UpstreamError
-from quiver.vllm_server import VllmServer, stop_detached, vllm_command_line
+from quiver.vllm_server import VllmServer, port_in_use, stop_detached, vllm_command_line
 
 
 def served_models(url: str, timeout_s: float = 10.0) -> list[str]:
@@ -53,6 +53,7 @@ def start_merged(
     host: str = "127.0.0.1",
     timeout_s: float = 600.0,
     on_wait: Callable[[str], None] | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> Deployment:
     """Start a detached vLLM (LoRA off) for the version's newest merge, wait until it lists the model, register it.
 
@@ -71,12 +72,15 @@ def start_merged(
         )
     if not (merge.path / "config.json").is_file():
         raise Conflict(f"the merged model of {lora_name} is missing from {merge.path}; run `quiver merge {lora_name}`")
+    if port_in_use(host, port):
+        raise InvalidRequest(f"port {port} on {host} is already in use; pick another with --port", param="port")
     server = VllmServer(
         model=str(merge.path),
         served_name=lora_name,
         port=port,
         log_path=log_dir / f"deploy-{lora_name}.log",
         host=host,
+        extra_args=extra_args,
         enable_lora=False,
         detach=True,
     )
@@ -87,7 +91,7 @@ def start_merged(
             raise UpstreamError(f"vLLM at {server.url} does not list {lora_name}; log {server.log_path}")
         assert server.process is not None
         return registry.add_deployment(version.name, version.number, server.url, lora_name, pid=server.process.pid)
-    except RuntimeError as e:  # port taken, vLLM died or did not come up; the message has its log
+    except RuntimeError as e:  # vLLM died or did not come up; the message has its log
         server.stop()
         raise UpstreamError(str(e)) from e
     except BaseException:

@@ -37,7 +37,7 @@ def test_merged_deployment_takes_traffic_and_gives_it_back_without_a_failed_requ
         assert headers["x-quiver-served-by"] == lora
 
         quiver(settings, "merge", lora)
-        quiver(settings, "deploy", "merged", lora)
+        quiver(settings, "deploy", "merged", lora, "--vllm-arg=--enforce-eager")
         try:
             wait_until(
                 lambda: greedy(gateway.url, lora)[1]["x-quiver-served-by"] == f"merged:{lora}",

@@ -204,3 +204,14 @@ def test_deploy_by_url_refuses_a_server_that_does_not_serve_the_model(
     assert code == 1 and "serves merged-bot, not other" in output
     code, output = run(["deploy", "merged", "bot@v1", "--url", "http://127.0.0.1:9"], pushed, tiny_base)
     assert code == 1 and "did not list models" in output
+
+
+def test_deploy_merged_refuses_a_port_in_use_before_starting_vllm(
+    pushed: Path, tiny_base: Path, model_server: str
+) -> None:
+    code, output = run(["merge", "bot@v1"], pushed, tiny_base)
+    assert code == 0, output
+    port = model_server.rsplit(":", 1)[1]
+    code, output = run(["deploy", "merged", "bot@v1", "--port", port], pushed, tiny_base)
+    assert code == 1 and f"port {port} on 127.0.0.1 is already in use; pick another with --port" in output
+    assert not (pushed / "logs").exists()  # no vLLM was started
