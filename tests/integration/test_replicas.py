@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,7 +63,17 @@ def test_failover_to_the_other_replica_and_reconcile_when_it_returns(
         before, headers = greedy(gateway.url, unique_name)
         assert headers["x-quiver-replica"] == "r0"
 
-        second_vllm.stop(grace_s=0)
+        # A stream that already sent bytes is not retried elsewhere when its replica dies: it ends with an error.
+        body = {"model": unique_name, "messages": QUESTION, "max_tokens": 512, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=120) as stream:
+            assert stream.headers["x-quiver-replica"] == "r0"
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: ")).startswith("data: {")
+            second_vllm.stop(grace_s=0)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest and json.loads(rest[-1][6:])["error"]["code"] == "upstream_error"
+        assert "data: [DONE]" not in rest
+
         answers = [greedy(gateway.url, unique_name) for _ in range(3)]
         assert [h["x-quiver-replica"] for _, h in answers] == ["r1"] * 3, "no request fails while r0 is gone"
         assert {text for text, _ in answers} == {before}

@@ -57,6 +57,11 @@ def test_rule_on_a_header_routes_to_its_adapter(
 name = "triage-header"
 match = {{ header = {{ "x-quiver-route" = "triage" }} }}
 model = "{unique_name}"
+
+[[rules]]
+name = "billing-team"
+match = {{ metadata = {{ "team" = "billing" }}, model = "auto" }}
+model = "{unique_name}"
 """
     with running_gateway(settings.model_copy(update={"routing_file": routing_file(tmp_path, vllm, rule)})) as gateway:
         assert push(gateway.url, unique_name, lora_dirs[0]).status_code == 201
@@ -64,6 +69,9 @@ model = "{unique_name}"
         assert matched.status_code == 200, matched.text
         assert matched.headers["x-quiver-served-by"] == f"{unique_name}@v1"
         assert matched.headers["x-quiver-route"] == "rule:triage-header"
+        by_metadata = ask(gateway.url, "auto", metadata={"team": "billing"})
+        assert by_metadata.headers["x-quiver-served-by"] == f"{unique_name}@v1"
+        assert by_metadata.headers["x-quiver-route"] == "rule:billing-team"
         other = ask(gateway.url, "base", headers={"x-quiver-route": "something-else"})
         assert other.headers["x-quiver-served-by"] == embedded.SERVED_NAME
         assert other.headers["x-quiver-route"] == "model"
