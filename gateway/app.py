@@ -91,7 +91,13 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None)
     members = []
     for i, url in enumerate(settings.vllm_urls):
         replica = _replica(settings, url, f"r{i}", transport)
-        residency = Residency(replica, settings.max_loras, metrics, load_wait_s=settings.adapter_load_timeout_s)
+        residency = Residency(
+            replica,
+            settings.max_loras,
+            metrics,
+            load_wait_s=settings.adapter_load_timeout_s,
+            slot_wait_s=settings.adapter_slot_wait_s,
+        )
         members.append(Member(replica, residency, ReplicaMonitor(replica, residency, metrics)))
     pool = ReplicaPool(
         members,

@@ -40,10 +40,13 @@ class Residency:
     capacity: int
     metrics: Metrics
     load_wait_s: float = 60.0
+    # How long a load waits for a slot to free up when every slot serves requests; then 503.
+    slot_wait_s: float = 30.0
     _resident: OrderedDict[str, Resident] = field(default_factory=OrderedDict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _reserved: int = 0
     _slots: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def loaded(self) -> list[str]:
@@ -74,6 +77,8 @@ class Residency:
             yield resident
         finally:
             resident.in_flight -= 1
+            if resident.in_flight == 0:
+                self._released.set()
 
     async def ensure_loaded(self, version: AdapterVersion) -> None:
         """Load ``version`` into the replica unless it is already there."""
@@ -129,16 +134,23 @@ class Residency:
         log.info("loaded %s from %s in %.0f ms", name, version.path, 1000 * (time.perf_counter() - started))
 
     async def _reserve_slot(self, name: str) -> None:
+        deadline = time.monotonic() + self.slot_wait_s
         async with self._slots:
             while len(self._resident) + self._reserved >= self.capacity:
                 victim = next((n for n, r in self._resident.items() if r.in_flight == 0), None)
                 if victim is None:
-                    raise Unavailable(
-                        f"all {self.capacity} adapter slots hold adapters with requests in flight; "
-                        f"cannot load {name} now",
-                        retry_after=1.0,
-                        code="adapter_slots_busy",
-                    )
+                    # Every slot serves requests: wait for one to finish rather than turn this one away at once.
+                    self._released.clear()
+                    try:
+                        await asyncio.wait_for(self._released.wait(), max(0.0, deadline - time.monotonic()))
+                    except TimeoutError:
+                        raise Unavailable(
+                            f"all {self.capacity} adapter slots hold adapters with requests in flight; "
+                            f"cannot load {name} now",
+                            retry_after=1.0,
+                            code="adapter_slots_busy",
+                        ) from None
+                    continue
                 del self._resident[victim]
                 self.metrics.adapters_resident.labels(self.replica.name).set(len(self._resident))
                 self.metrics.adapter_unloads.labels(victim).inc()

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
         300.0, ge=0, description="After this long unreachable, vLLM errors are 502 instead of 503 + Retry-After."
     )
     adapter_load_timeout_s: float = Field(60.0, gt=0, description="One adapter load into vLLM.")
+    adapter_slot_wait_s: float = Field(
+        30.0, ge=0, description="How long a load waits for a busy replica's adapter slot to free up before 503."
+    )
     health_interval_s: float = Field(1.0, gt=0, description="How often vLLM is polled.")
     registry_refresh_s: float = Field(1.0, gt=0, description="How often outside registry writes are seen.")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest adapter archive accepted.")

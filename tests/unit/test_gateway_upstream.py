@@ -76,12 +76,25 @@ async def test_lru_evicts_least_recently_used() -> None:
 
 async def test_adapter_with_requests_in_flight_is_never_evicted() -> None:
     res, fake = residency(capacity=1)
+    res.slot_wait_s = 0.05
     async with res.lease(version("a")):
         with pytest.raises(Unavailable) as caught:
             await res.ensure_loaded(version("b"))
         assert caught.value.retry_after and caught.value.code == "adapter_slots_busy"
     await res.ensure_loaded(version("b"))
     assert fake.unloads == ["a@v1"]
+
+
+async def test_a_load_waits_for_a_busy_slot_to_free_up() -> None:
+    res, fake = residency(capacity=1)
+    lease = res.lease(version("a"))
+    await lease.__aenter__()
+    waiting = asyncio.create_task(res.ensure_loaded(version("b")))
+    await asyncio.sleep(0.05)
+    assert not waiting.done(), "b waits while a serves its request"
+    await lease.__aexit__(None, None, None)
+    await waiting
+    assert fake.unloads == ["a@v1"] and res.loaded == ["b@v1"]
 
 
 async def test_reconcile_forgets_what_a_restarted_vllm_lost() -> None:
