@@ -98,7 +98,10 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None)
             load_wait_s=settings.adapter_load_timeout_s,
             slot_wait_s=settings.adapter_slot_wait_s,
         )
-        members.append(Member(replica, residency, ReplicaMonitor(replica, residency, metrics)))
+        member = Member(replica, residency, ReplicaMonitor(replica, residency, metrics))
+        # Read when scraped: nothing to update on the request path.
+        metrics.replica_in_flight.labels(member.name).set_function(member.load)
+        members.append(member)
     pool = ReplicaPool(
         members,
         saturation=settings.replica_saturation,

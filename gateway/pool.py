@@ -39,6 +39,10 @@ class Member:
     def healthy(self) -> bool:
         return self.replica.state == "up"
 
+    def load(self) -> float:
+        """Requests in flight now (read by the metrics at scrape time)."""
+        return self.in_flight
+
 
 class ReplicaPool:
     """The replicas a gateway sends base-model and adapter requests to."""

@@ -170,7 +170,6 @@ class Proxy:
                 log.info("%s could not answer %s (%s): %s", step.served_by, plan.model, failed.reason, failed.error)
                 reason, last = reason or failed.reason, failed.error
                 continue
-            response.headers[ROUTE] = plan.route
             if reason is not None:
                 response.headers[FALLBACK_REASON] = reason
                 self.metrics.fallbacks.labels(reason, step.served_by).inc()
@@ -201,7 +200,7 @@ class Proxy:
         held = AsyncExitStack()
         try:
             upstream = await self._open(target, endpoint, body, held)
-            headers = {SERVED_BY: target.served_by}
+            headers = {SERVED_BY: target.served_by, ROUTE: plan.route}
             if target.member is not None:
                 headers[REPLICA] = target.member.name
             if sources is not None:
@@ -250,7 +249,6 @@ class Proxy:
         member = target.member
         if member is not None:
             member.in_flight += 1
-            self.metrics.replica_in_flight.labels(member.name).set(member.in_flight)
             held.callback(self._leave, member)
         if not isinstance(target, AdapterOnReplica):
             return await target.upstream.open(endpoint, body)
@@ -273,9 +271,9 @@ class Proxy:
         await residency.reload(target.version, resident, generation)
         return await target.upstream.open(endpoint, body)
 
-    def _leave(self, member: Member) -> None:
+    @staticmethod
+    def _leave(member: Member) -> None:
         member.in_flight -= 1
-        self.metrics.replica_in_flight.labels(member.name).set(member.in_flight)
 
     async def _relay(
         self, first: bytes, chunks: AsyncIterator[bytes], labels: tuple[str, str, str], started: float
