@@ -71,7 +71,9 @@ def test_rag_answers_with_sources_directly_and_as_a_fallback(
         # An adapter whose files went bad answers from the handbook instead.
         push(gateway.url, unique_name, lora_dirs[0])
         httpx.patch(f"{gateway.url}/v1/adapters/{unique_name}", json={"fallback": ["rag:handbook"]})
-        next((settings.adapter_store / unique_name).glob("*/adapter_model.safetensors")).write_bytes(b"broken")
+        weights = next((settings.adapter_store / unique_name).glob("*/adapter_model.safetensors"))
+        weights.chmod(0o644)  # the store makes versions read-only
+        weights.write_bytes(b"broken")
         answered = httpx.post(
             f"{gateway.url}/v1/chat/completions",
             json={"model": unique_name, "messages": question, "max_tokens": 8},
