@@ -155,7 +155,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         app.state.fine_tuning = await fine_tuning.FineTuning.start(settings, base_model_dir(settings, gateway.replica))
         tasks: list[asyncio.Task[None]] = []
         try:
-            await gateway.pool.check()
+            # The first checks; the polls below take over after one interval.
+            await asyncio.gather(gateway.pool.check(), gateway.merged.check())
             tasks = [
                 asyncio.create_task(gateway.pool.watch(settings.health_interval_s), name="vllm-monitor"),
                 asyncio.create_task(gateway.registry.watch(settings.registry_refresh_s), name="registry-refresh"),

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from adapters import Catalog
 from gateway.metrics import Metrics
+from gateway.polling import poll
 from gateway.upstream import VllmReplica
 from quiver.errors import QuiverError
 
@@ -69,12 +70,7 @@ class MergedDeployments:
 
     async def watch(self, interval_s: float) -> None:
         """Poll until cancelled."""
-        while True:
-            try:
-                await self.check()
-            except Exception:
-                log.exception("checking merged deployments failed; trying again")
-            await asyncio.sleep(interval_s)
+        await poll(self.check, interval_s, log, "checking merged deployments failed; trying again")
 
     async def aclose(self) -> None:
         """Close every connection pool."""

@@ -7,11 +7,11 @@ the next request for one loads it again with no manual step.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from gateway.metrics import Metrics
+from gateway.polling import poll
 from gateway.residency import Residency
 from gateway.upstream import VllmReplica
 from quiver.errors import QuiverError, Unavailable
@@ -55,9 +55,4 @@ class ReplicaMonitor:
 
     async def watch(self, interval_s: float) -> None:
         """Poll until cancelled."""
-        while True:
-            try:
-                await self.check()
-            except Exception:
-                log.exception("health check of vLLM at %s failed; trying again", self.replica.url)
-            await asyncio.sleep(interval_s)
+        await poll(self.check, interval_s, log, f"health check of vLLM at {self.replica.url} failed; trying again")

@@ -7,7 +7,6 @@ are noticed by polling the registry's revision counter.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import TypeVar
@@ -15,6 +14,7 @@ from typing import TypeVar
 import anyio.to_thread
 
 from adapters import Catalog, Registry
+from gateway.polling import poll
 
 log = logging.getLogger("quiver.registry")
 
@@ -49,9 +49,4 @@ class RegistryView:
 
     async def watch(self, interval_s: float) -> None:
         """Poll for outside writes until cancelled."""
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.refresh()
-            except Exception:
-                log.exception("registry refresh failed; keeping the last snapshot")
+        await poll(self.refresh, interval_s, log, "registry refresh failed; keeping the last snapshot")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
+from gateway.polling import poll
 from gateway.rag.retrieval import RagPath, question
 from gateway.tokens import completion_budget
 from quiver.errors import InvalidRequest
@@ -37,12 +37,7 @@ class RagTarget:
 
     async def watch(self, interval_s: float) -> None:
         """Refresh until cancelled."""
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.refresh()
-            except Exception:
-                log.exception("reading the RAG collections failed; keeping the last list")
+        await poll(self.refresh, interval_s, log, "reading the RAG collections failed; keeping the last list")
 
     async def augment(
         self, collection: str, payload: dict[str, Any], context_tokens: int | None
