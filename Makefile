@@ -11,7 +11,7 @@ test: setup-dev  ## Set up what the tests need, then run the whole suite
 	$(VENV)/bin/quiver model prepare >/dev/null
 	scripts/test.sh
 
-bench: setup-dev  ## Side by side: gateway vs vLLM direct, quiver train vs plain TRL, merged vs unmerged vs base, affinity vs round-robin; writes bench/results/
+bench: setup-dev  ## Every comparison side by side in one run (see BENCHMARKS.md); writes bench/results/ and BENCHMARKS.md
 	$(VENV)/bin/quiver bench
 
 demo-adapter: setup-dev  ## Train the demo adapter (support triage), evaluate it against the baselines, push it

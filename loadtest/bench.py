@@ -237,9 +237,34 @@ def _print(rows: list[Row], console: Console) -> None:
 def _write(rows: list[Row], out_dir: Path, console: Console, **config: object) -> Path:
     now = datetime.now(UTC)
     results = {"config": config, "gateway_vs_direct": [asdict(r) for r in rows]}
-    path = benchmarks.record(out_dir, results, HEADING, _markdown(rows, now), now)
+    path = benchmarks.record(out_dir, results, HEADING, _markdown(rows, now), now, verdicts(rows))
     console.print(f"wrote {path} and BENCHMARKS.md")
     return path
+
+
+def verdicts(rows: list[Row]) -> list[benchmarks.Verdict]:
+    """The gateway's own added latency (instant upstream, one at a time) and its throughput against vLLM."""
+    verdicts = []
+    for r in rows:
+        if r.upstream == "instant" and r.concurrency == 1:
+            verdicts.append(
+                benchmarks.Verdict(
+                    "gateway vs direct: added p50 (gateway's own cost)",
+                    f"{r.added_p50_ms:+.2f} ms (p99 {r.added_p99_ms:+.2f} ms)",
+                    f"< {TARGET_ADDED_P50_MS} ms",
+                    r.added_p50_ms < TARGET_ADDED_P50_MS,
+                )
+            )
+        elif r.upstream != "instant":
+            verdicts.append(
+                benchmarks.Verdict(
+                    f"gateway vs vLLM direct, throughput at concurrency {r.concurrency}",
+                    f"{r.throughput_ratio:.3f}x (added p50 {r.added_p50_ms:+.1f} ms)",
+                    f">= {TARGET_THROUGHPUT_RATIO}x",
+                    r.throughput_ratio >= TARGET_THROUGHPUT_RATIO,
+                )
+            )
+    return verdicts
 
 
 def _markdown(rows: list[Row], now: datetime) -> str:

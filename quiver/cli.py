@@ -619,10 +619,66 @@ def eval_(
         console.print(f"report stored with {version.lora_name}")
 
 
+@app.command()
+def loadtest(
+    scenario: Annotated[
+        str, typer.Option(help="base, adapter, churn, streaming, hotswap or mixed (see the README).")
+    ] = "base",
+    users: Annotated[int, typer.Option(min=1, help="Concurrent users.")] = 4,
+    spawn_rate: Annotated[float, typer.Option(min=0.01, help="Users started per second.")] = 2.0,
+    duration: Annotated[str, typer.Option(help="How long to run: 90, 45s, 10m, 1h30m.")] = "60s",
+    host: Annotated[str | None, typer.Option(help="Target URL (default: the gateway `quiver up` serves).")] = None,
+    web: Annotated[bool, typer.Option(help="Run locust's web UI instead of a headless run.")] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Results directory (default: loadtest/results/SCENARIO-TIMESTAMP).")
+    ] = None,
+    push_dir: Annotated[
+        Path | None,
+        typer.Option(exists=True, file_okay=False, help="hotswap: an adapter directory to push new versions of."),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens of every request.")] = 16,
+    rag: Annotated[
+        list[str] | None, typer.Option(help="mixed: a RAG collection to include as rag:COLLECTION (repeatable).")
+    ] = None,
+    sample_every: Annotated[
+        float, typer.Option(min=0.5, help="Seconds between samples of the target's /metrics (RSS, counters).")
+    ] = 5.0,
+) -> None:
+    """Load-test a gateway with a locust scenario; write CSV, HTML and RSS samples; exit 1 if any request failed.
+
+    Also the soak test: `quiver loadtest --scenario churn --duration 10m` reports the gateway's memory growth.
+    """
+    from datetime import datetime
+
+    from loadtest import runner
+    from loadtest.scenarios import Options
+
+    if host is None:
+        settings = _served_settings()
+        host = f"http://{settings.host}:{settings.port}"
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        test = runner.LoadTest(
+            scenario=scenario, host=host.rstrip("/"), users=users, spawn_rate=spawn_rate,
+            duration_s=runner.parse_duration(duration),
+            out=out or Path("loadtest/results") / f"{scenario}-{stamp}", web=web,
+            options=Options(max_tokens, push_dir.resolve() if push_dir else None, tuple(rag or ())),
+            sample_every_s=sample_every,
+        )  # fmt: skip
+        code = runner.run(test, console, err)
+    except QuiverError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
 class Benchmark(StrEnum):
     """The sections of `quiver bench`, each of which `--only` runs alone."""
 
     gateway = "gateway"
+    serving = "serving"
+    naive = "naive"
+    merged = "merged"
+    registry = "registry"
     training = "training"
     routing = "routing"
 
@@ -647,58 +703,65 @@ def demo(
 
 @app.command()
 def bench(
-    vllm_url: Annotated[str | None, typer.Option(help="Benchmark against this vLLM instead of starting one.")] = None,
-    rounds: Annotated[int, typer.Option(help="Alternating rounds per comparison.")] = 6,
-    requests: Annotated[int, typer.Option(help="Requests per side at concurrency 1 (more at 16).")] = 120,
+    only: Annotated[list[Benchmark] | None, typer.Option(help="Run these sections only (repeatable).")] = None,
     out: Annotated[Path, typer.Option(help="Results directory.")] = Path("bench/results"),
-    only: Annotated[Benchmark | None, typer.Option(help="Run one section only.")] = None,
+    gpu: Annotated[bool, typer.Option(help="Run on CUDA with --base-model and a bigger workload.")] = False,
+    base_model: Annotated[
+        Path | None, typer.Option(help="Base model directory (default: the embedded model; required with --gpu).")
+    ] = None,
+    vllm_url: Annotated[
+        str | None, typer.Option(help="--only gateway: benchmark against this vLLM instead of starting one.")
+    ] = None,
     training_steps: Annotated[int, typer.Option(help="Timed optimizer steps per training run.")] = 3,
     training_rounds: Annotated[int, typer.Option(help="Alternating rounds of the training comparison.")] = 2,
 ) -> None:
-    """Side by side in one run: the gateway vs vLLM direct, `quiver train` vs plain TRL, and routing placements."""
-    if only in (None, Benchmark.gateway):
-        from loadtest import bench as bench_module
+    """Every serving comparison side by side in one run: gateway vs vLLM direct, adapters vs base, churn, cold
+    start, naive transformers + PEFT, merged vs unmerged, registry scale, gateway memory. `--only training` and
+    `--only routing` (affinity vs round-robin over two replicas) add the training and placement comparisons."""
+    from loadtest import suite
+    from quiver import embedded
 
-        bench_module.run(vllm_url, rounds, requests, out, console)
-    if only in (None, Benchmark.training):
-        from quiver import embedded
+    # The default run is the serving suite (under 15 minutes on a 2-core CPU); training and placement start
+    # processes of their own and run when named.
+    chosen = set(only or set(Benchmark) - {Benchmark.training, Benchmark.routing})
+    if gpu and base_model is None:
+        _fail(InvalidRequest("--gpu needs --base-model: a model directory to serve on CUDA", param="base_model"))
+    if gpu and not _cuda():
+        _fail(InvalidRequest("--gpu: CUDA is not available on this machine", param="gpu"))
+    base = base_model or embedded.prepare(console=err)
+    profile = suite.GPU_PROFILE if gpu else suite.Profile()
+    if chosen == {Benchmark.gateway} and vllm_url is not None:
+        from loadtest import bench as gateway_bench
+
+        gateway_bench.run(vllm_url, rounds=6, requests=120, out_dir=out, console=console)
+    elif served := [s for s in suite.SECTIONS if s in chosen]:
+        suite.run(base, out, console, profile=profile, sections=served, gpu=gpu)
+    if Benchmark.registry in chosen:
+        from loadtest import registry_scale
+
+        registry_scale.run(base, out, console)
+    if Benchmark.training in chosen:
         from training import bench as training_bench
 
-        base = embedded.prepare(console=err)
         training_bench.run(base, out, console, steps=training_steps, rounds=training_rounds)
-    if only in (None, Benchmark.routing):
-        _bench_routing(out)
+    if Benchmark.routing in chosen:
+        _bench_placement(base, out, profile)
 
 
-def _bench_routing(out: Path) -> None:
+def _bench_placement(base: Path, out: Path, profile: Any) -> None:
     import tempfile
 
-    from loadtest import routing
-    from quiver import embedded
-    from training.synthetic import random_lora
+    from loadtest import routing, suite
 
-    base = embedded.prepare(console=err)
     with tempfile.TemporaryDirectory(prefix="quiver-bench-adapters-") as tmp:
-        with err.status("Making 6 rank-8 adapters with PEFT"):
-            adapters = [random_lora(base, Path(tmp) / f"a{i}", rank=8, seed=i) for i in range(6)]
-        with err.status("Merging one into the base"):
-            merged = _merged_for_bench(base, adapters[0], Path(tmp))
-        routing.run_merged(base, adapters[0], merged, out, console)
+        adapters = suite.make_adapters(base, Path(tmp), 6, profile.rank, err)
         routing.run_placement(base, adapters, out, console)
 
 
-def _merged_for_bench(base: Path, adapter: Path, work: Path) -> Path:
-    from adapters import BaseModelSpec, Registry
-    from adapters.merge import merge_version
+def _cuda() -> bool:
+    import torch
 
-    with Registry.open(
-        f"sqlite:///{work / 'registry.db'}", work / "store", base=BaseModelSpec.from_model_dir(base)
-    ) as r:
-        version = r.push_dir("bench", adapter).version
-    report = merge_version(version, base, work / "merged")
-    if not report.equivalent:
-        raise typer.Exit(f"the merged model is not equivalent to base + adapter: {report.to_json()}")  # type: ignore[arg-type]
-    return report.path
+    return torch.cuda.is_available()
 
 
 def main() -> None:

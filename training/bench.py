@@ -134,7 +134,15 @@ def run(base: Path, out_dir: Path, console: Console, *, steps: int = 3, rounds: 
     result = Result(device=device, steps=steps, rounds=rounds, runs=tuple(runs))
     console.print(_table(result))
     now = datetime.now(UTC)
-    path = benchmarks.record(out_dir, {"training": result.to_dict()}, HEADING, markdown(result, now), now)
+    verdict = benchmarks.Verdict(
+        "quiver train vs TRL defaults, tokens/s",
+        f"{result.ratio:.2f}x",
+        f">= {TARGET_RATIO}x",
+        result.ratio >= TARGET_RATIO,
+    )
+    path = benchmarks.record(
+        out_dir, {"training": result.to_dict()}, HEADING, markdown(result, now), now, verdicts=[verdict]
+    )
     console.print(f"wrote {path} and BENCHMARKS.md")
     return result
 

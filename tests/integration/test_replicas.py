@@ -22,7 +22,9 @@ SECOND_MAX_MODEL_LEN = 4096
 @pytest.fixture(scope="module")
 def second_vllm(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     log = tmp_path_factory.mktemp("vllm2") / "vllm.log"
-    with running_vllm(base_model_dir, log, max_loras=4, max_lora_rank=16, max_model_len=SECOND_MAX_MODEL_LEN) as server:
+    # Eager: the second replica serves a few requests, and skipping vLLM's compile halves its start-up here.
+    options = {"max_loras": 4, "max_lora_rank": 16, "max_model_len": SECOND_MAX_MODEL_LEN}
+    with running_vllm(base_model_dir, log, extra_args=("--enforce-eager",), **options) as server:
         yield server
 
 

@@ -30,6 +30,23 @@ def test_a_section_is_replaced_and_the_others_are_kept(tmp_path: Path) -> None:
     assert "v1" not in markdown and markdown.count("## ") == 2
 
 
+def test_the_summary_lists_every_sections_verdicts_first_and_replaces_a_rerun(tmp_path: Path) -> None:
+    results = tmp_path / "bench" / "results"
+    slow = benchmarks.Verdict("merged vs base", "0.90x", ">= 0.95x", False)
+    fast = benchmarks.Verdict("merged vs base", "1.40x", ">= 0.95x", True)
+    naive = benchmarks.Verdict("quiver vs naive", "7.1x", ">= 5x", True)
+    benchmarks.record(results, {"merged": 1}, "Merged", "merged table", NOW, [slow])
+    benchmarks.record(results, {"naive": 1}, "Naive", "naive table", NOW, [naive])
+    path = benchmarks.record(results, {"merged": 2}, "Merged", "merged table v2", NOW, [fast])
+
+    markdown = (tmp_path / "BENCHMARKS.md").read_text()
+    summary = markdown.split("## ")[1]
+    assert summary.startswith("Summary\n") and "2 of 2 targets met" in summary
+    assert "| merged vs base | 1.40x | >= 0.95x | met |" in summary and "0.90x" not in markdown
+    assert "| quiver vs naive | 7.1x | >= 5x | met |" in summary
+    assert json.loads(path.read_text())["summary"]["Naive"][0]["measured"] == "7.1x"
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
 def test_training_bench_times_both_sides_and_records_the_ratio(tiny_base: Path, tmp_path: Path) -> None:
