@@ -8,8 +8,8 @@ are noticed by polling the registry's revision counter.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 
 import anyio.to_thread
 
@@ -27,6 +27,7 @@ class RegistryView:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.catalog: Catalog = registry.snapshot()
+        self._derived: dict[Hashable, tuple[Catalog, Any]] = {}
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run a registry method in a worker thread, then refresh the snapshot."""
@@ -34,6 +35,18 @@ class RegistryView:
             return await anyio.to_thread.run_sync(fn, *args)
         finally:
             await self.refresh()
+
+    def derived(self, key: Hashable, build: Callable[[Catalog], T]) -> T:
+        """``build(catalog)`` for the current snapshot, built once per snapshot and ``key``.
+
+        For what is costly to make from a large catalog on every request (the ``/v1/models`` body).
+        """
+        catalog = self.catalog
+        held = self._derived.get(key)
+        if held is None or held[0] is not catalog:
+            held = self._derived[key] = (catalog, build(catalog))
+        value: T = held[1]
+        return value
 
     async def refresh(self) -> None:
         """Take a new snapshot if the registry changed since the last one."""

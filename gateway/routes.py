@@ -8,14 +8,16 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.responses import Response
 
+from adapters import AdapterVersion, Catalog
 from gateway.deps import Gateway, GatewayDep, gateway_of
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, invalid_request
 from quiver.errors import InvalidRequest, ModelNotFound
 
 router = APIRouter()
+_CARDS = TypeAdapter(list[ModelCard])
 
 
 def parse_body(raw: bytes, model: type[BaseModel]) -> tuple[dict[str, Any], BaseModel]:
@@ -54,38 +56,60 @@ async def completions(request: Request) -> Response:
     return await proxy.generate("/v1/completions", payload, parsed.stream, request.headers)
 
 
-def model_cards(gateway: Gateway) -> list[ModelCard]:
-    """The base under each of its names, then every adapter name, version and alias."""
-    base = gateway.router.base_model or "base"
+def _base_name(gateway: Gateway) -> str:
+    return gateway.router.base_model or "base"
+
+
+def _base_cards(gateway: Gateway) -> list[ModelCard]:
+    """The base under each of its names, then ``rag:COLLECTION`` (the base answering from a collection)."""
+    base = _base_name(gateway)
     root = str(gateway.settings.base_model_path or gateway.replica.model_root or base)
     now = int(time.time())
     cards = [ModelCard(id=name, created=now, owned_by="quiver", root=root) for name in gateway.router.base_names()]
-    for model_id, version in gateway.registry.catalog.model_ids().items():
-        cards.append(
-            ModelCard(
-                id=model_id,
-                created=int(version.created_at.timestamp()),
-                owned_by="quiver",
-                root=version.lora_name,
-                parent=base,
-            )
-        )
-    return cards
+    rag = (f"rag:{c}" for c in gateway.rag.names())
+    return cards + [ModelCard(id=name, created=now, owned_by="quiver", root=name, parent=base) for name in rag]
+
+
+def _adapter_card(model_id: str, version: AdapterVersion, parent: str) -> ModelCard:
+    created = int(version.created_at.timestamp())
+    return ModelCard(id=model_id, created=created, owned_by="quiver", root=version.lora_name, parent=parent)
+
+
+def _adapter_cards_json(catalog: Catalog, parent: str) -> bytes:
+    """Every adapter name, version and alias as the JSON of ``/v1/models`` entries, comma-separated."""
+    cards = [_adapter_card(model_id, version, parent) for model_id, version in catalog.model_ids().items()]
+    return _CARDS.dump_json(cards)[1:-1]  # the list's items, without its brackets
+
+
+def model_cards_json(gateway: Gateway) -> bytes:
+    """The ``/v1/models`` body: the base under each of its names, the RAG collections, then every adapter name,
+    version and alias.
+
+    The adapters' part is serialized once per registry snapshot: with thousands of versions, building
+    and serializing every card on each request would cost tens of milliseconds.
+    """
+    parent = _base_name(gateway)
+    adapters = gateway.registry.derived(("model-cards", parent), lambda c: _adapter_cards_json(c, parent))
+    base = _CARDS.dump_json(_base_cards(gateway))[1:-1]
+    return b'{"object":"list","data":[' + b",".join(part for part in (base, adapters) if part) + b"]}"
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(gateway: GatewayDep) -> ModelList:
+async def list_models(gateway: GatewayDep) -> Response:
     """Every model string this gateway answers to."""
-    return ModelList(data=model_cards(gateway))
+    return Response(model_cards_json(gateway), media_type="application/json")
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, gateway: GatewayDep) -> ModelCard:
     """One model string, or 404 ``model_not_found``."""
-    for card in model_cards(gateway):
+    for card in _base_cards(gateway):
         if card.id == model_id:
             return card
-    raise ModelNotFound(f"The model `{model_id}` does not exist", param="model")
+    version = gateway.registry.catalog.model_ids().get(model_id)
+    if version is None:
+        raise ModelNotFound(f"The model `{model_id}` does not exist", param="model")
+    return _adapter_card(model_id, version, _base_name(gateway))
 
 
 @router.get("/health")

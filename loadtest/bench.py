@@ -25,6 +25,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from loadtest import instant_upstream
 from quiver import benchmarks
 from quiver.vllm_server import free_port
 
@@ -138,7 +139,7 @@ def _wait(url: str, process: subprocess.Popen[bytes], timeout_s: float = 600) ->
 
 
 @contextmanager
-def _process(args: list[str], url: str, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+def served_process(args: list[str], url: str, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
     with log.open("ab") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -159,7 +160,7 @@ def start_gateway(
     port = free_port()
     env = dict(os.environ, QUIVER_DATA_DIR=str(work / f"data-{data or name}"), **(env or {}))
     return stack.enter_context(
-        _process(
+        served_process(
             [sys.executable, "-m", "quiver.cli", "up", "--vllm-url", upstream, "--port", str(port)],
             f"http://127.0.0.1:{port}",
             work / f"gateway-{name}.log",
@@ -189,14 +190,7 @@ def run(vllm_url: str | None, rounds: int, requests: int, out_dir: Path, console
                 server.wait_ready()
             vllm_url = server.url
         model = httpx.get(f"{vllm_url}/v1/models", timeout=10).json()["data"][0]["id"]
-        instant_port = free_port()
-        instant = stack.enter_context(
-            _process(
-                [sys.executable, "-m", "loadtest.instant_upstream", "--port", str(instant_port)],
-                f"http://127.0.0.1:{instant_port}",
-                work / "instant.log",
-            )
-        )
+        instant = instant_upstream.start(stack, work)
         with console.status("Starting gateways"):
             gateway_vllm = start_gateway(stack, vllm_url, work, "vllm")
             gateway_instant = start_gateway(stack, instant, work, "instant")

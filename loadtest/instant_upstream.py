@@ -1,5 +1,8 @@
 """An OpenAI-shaped upstream that answers at once, to measure the gateway's own cost.
 
+It also speaks vLLM's runtime LoRA API (load, unload, loaded adapters in ``/v1/models``), so the
+gateway can route to registry adapters through it without a model behind it.
+
 Run: ``python -m loadtest.instant_upstream --port 8101``.
 """
 
@@ -7,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from contextlib import ExitStack
+from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
@@ -31,33 +37,65 @@ def _completion(model: str) -> bytes:
     ).encode()
 
 
+def _card(model_id: str, root: str, parent: str | None) -> dict[str, object]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "bench", "root": root, "parent": parent}
+
+
 async def chat(request: Request) -> Response:
     body = json.loads(await request.body())
     return Response(_completion(str(body.get("model"))), media_type="application/json")
 
 
 async def models(request: Request) -> JSONResponse:
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": [
-                {"id": MODEL, "object": "model", "created": 0, "owned_by": "bench", "root": MODEL, "parent": None}
-            ],
-        }
-    )
+    loras: dict[str, str] = request.app.state.loras
+    cards = [_card(MODEL, MODEL, None), *(_card(name, path, MODEL) for name, path in loras.items())]
+    return JSONResponse({"object": "list", "data": cards})
+
+
+async def load_lora_adapter(request: Request) -> Response:
+    body = json.loads(await request.body())
+    loras: dict[str, str] = request.app.state.loras
+    name = str(body["lora_name"])
+    if name in loras:  # vLLM's wording, which the gateway recognises
+        return JSONResponse({"message": f"The lora adapter '{name}' has already been loaded."}, status_code=400)
+    loras[name] = str(body["lora_path"])
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def unload_lora_adapter(request: Request) -> Response:
+    body = json.loads(await request.body())
+    if request.app.state.loras.pop(str(body["lora_name"]), None) is None:
+        return JSONResponse({"message": f"The lora adapter '{body['lora_name']}' cannot be found."}, status_code=404)
+    return PlainTextResponse(f"Success: LoRA adapter '{body['lora_name']}' removed successfully.")
 
 
 async def health(request: Request) -> PlainTextResponse:
     return PlainTextResponse("")
 
 
-app = Starlette(
-    routes=[
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/v1/models", models),
-        Route("/health", health),
-    ]
-)
+def create_app() -> Starlette:
+    """The upstream, holding no adapters yet."""
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/models", models),
+            Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
+            Route("/health", health),
+        ]
+    )
+    app.state.loras = {}
+    return app
+
+
+def start(stack: ExitStack, work: Path) -> str:
+    """Run the upstream in a process of its own on a free port until ``stack`` closes; its URL."""
+    from loadtest.bench import served_process
+    from quiver.vllm_server import free_port
+
+    port = free_port()
+    args = [sys.executable, "-m", "loadtest.instant_upstream", "--port", str(port)]
+    return stack.enter_context(served_process(args, f"http://127.0.0.1:{port}", work / "instant.log"))
 
 
 def main() -> None:
@@ -65,7 +103,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     uvicorn.run(
-        app, host="127.0.0.1", port=args.port, log_level="warning", loop="uvloop", http="httptools", access_log=False
+        create_app(),
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
     )
 
 

@@ -21,7 +21,7 @@ import re
 import tarfile
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -121,31 +121,47 @@ def adapter_loads(gateway_url: str) -> float:
     return sum(float(v) for v in re.findall(pattern, text, flags=re.MULTILINE))
 
 
-async def compare_placement(
-    gateways: dict[str, str], models: Sequence[str], *, rounds: int, requests: int, concurrency: int, max_tokens: int
+Side = tuple[str, Callable[[int], list[str]]]  # (URL, round number -> the round's model sequence)
+
+
+async def alternate(
+    sides: dict[str, Side], *, rounds: int, concurrency: int, max_tokens: int, count_loads: bool = False
 ) -> dict[str, Run]:
-    """Alternate rounds between the gateways (placement -> URL) with the same Zipf request sequence."""
-    runs = {name: Run() for name in gateways}
+    """Alternate rounds over ``sides`` (label -> side), reversing the order every other round; ``count_loads``
+    reads each side's adapter loads from its /metrics (Quiver gateways only)."""
+    runs = {name: Run() for name in sides}
     for r in range(rounds):
-        sequence = zipf_sequence(models, requests, seed=r)
-        order = list(gateways.items()) if r % 2 == 0 else list(reversed(gateways.items()))
-        for name, url in order:
-            before = adapter_loads(url)
-            await drive(url, sequence, concurrency, max_tokens, runs[name])
-            runs[name].loads += adapter_loads(url) - before
+        order = list(sides.items()) if r % 2 == 0 else list(reversed(sides.items()))
+        for name, (url, sequence) in order:
+            before = adapter_loads(url) if count_loads else 0.0
+            await drive(url, sequence(r), concurrency, max_tokens, runs[name])
+            runs[name].loads += adapter_loads(url) - before if count_loads else 0.0
     return runs
+
+
+async def compare_placement(
+    gateways: dict[str, str], models: Sequence[str], *, rounds: int, requests: int, concurrency: int, max_tokens: int,
+    count_loads: bool = True,
+) -> dict[str, Run]:  # fmt: skip
+    """Alternate rounds between servers (label -> URL) with the same Zipf request sequence."""
+
+    def zipf(r: int) -> list[str]:
+        return zipf_sequence(models, requests, seed=r)
+
+    sides = {name: (url, zipf) for name, url in gateways.items()}
+    return await alternate(
+        sides, rounds=rounds, concurrency=concurrency, max_tokens=max_tokens, count_loads=count_loads
+    )
 
 
 async def compare_targets(
     targets: dict[str, tuple[str, str]], *, rounds: int, requests: int, concurrency: int, max_tokens: int
 ) -> dict[str, Run]:
     """Alternate rounds between targets (label -> (URL, model)) with the same prompts."""
-    runs = {name: Run() for name in targets}
-    for r in range(rounds):
-        order = list(targets.items()) if r % 2 == 0 else list(reversed(targets.items()))
-        for name, (url, model) in order:
-            await drive(url, [model] * requests, concurrency, max_tokens, runs[name])
-    return runs
+    sides: dict[str, Side] = {
+        name: (url, lambda r, model=model: [model] * requests) for name, (url, model) in targets.items()
+    }
+    return await alternate(sides, rounds=rounds, concurrency=concurrency, max_tokens=max_tokens)
 
 
 def _tar_gz(directory: Path) -> bytes:

@@ -35,6 +35,7 @@ LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 CSV_PREFIX = "locust"
 HTML_REPORT = "report.html"
 SAMPLES = "samples.csv"
+SAMPLES_PLOT = "samples.png"
 LOCUST_LOG = "locust.log"
 # How long locust lets users finish the request they are in when the time is up.
 STOP_TIMEOUT_S = 30
@@ -308,7 +309,10 @@ def report(test: LoadTest, code: int, samples: Sequence[Sample], console: Consol
     else:
         console.print(growth_line(growth))
         console.print(timeline_table(samples))
-    console.print(f"reports in {test.out}: {CSV_PREFIX}_stats.csv, {HTML_REPORT}, {SAMPLES}, {LOCUST_LOG}")
+        plot_samples(samples, test.out / SAMPLES_PLOT, test.scenario)
+    console.print(
+        f"reports in {test.out}: {CSV_PREFIX}_stats.csv, {HTML_REPORT}, {SAMPLES}, {SAMPLES_PLOT}, {LOCUST_LOG}"
+    )
     total = rows[-1] if rows else None
     if code == 0 and total is not None and total.requests == 0:
         err.print(f"[red]error[/]: no request was answered in {test.duration_s} s")
@@ -346,6 +350,18 @@ def growth_line(growth: Growth) -> str:
     if growth.requests is not None:
         line += f"; the target counted {growth.requests:.0f} requests, {growth.failures or 0:.0f} failed"
     return line
+
+
+def plot_samples(samples: Sequence[Sample], path: Path, scenario: str) -> Path:
+    """The target's RSS and failed requests over the run, one PNG (a soak's picture)."""
+    from loadtest import plots
+
+    first = next((s.failures for s in samples if s.failures is not None), 0.0) or 0.0
+    series = {
+        "gateway RSS (MiB)": [(s.elapsed_s, s.rss_bytes / 2**20) for s in samples if s.rss_bytes is not None],
+        "failed requests": [(s.elapsed_s, s.failures - first) for s in samples if s.failures is not None],
+    }
+    return plots.lines(path, f"{scenario}: gateway memory and failures over time", series, "seconds", "")
 
 
 def timeline_table(samples: Sequence[Sample]) -> Table:

@@ -86,7 +86,7 @@ class Offer:
         ids = [(str(card["id"]), card.get("parent")) for card in models.get("data", [])]
         listed_rag = [i for i, _ in ids if i.startswith(RAG_PREFIX)]
         base = [i for i, parent in ids if not parent and not i.startswith(RAG_PREFIX)]
-        adapter_ids = [i for i, parent in ids if parent]
+        adapter_ids = [i for i, parent in ids if parent and not i.startswith(RAG_PREFIX)]
         routing = [a.get("routing") or {} for a in (adapters or {}).get("data", [])]
         return cls(
             base=base[0] if base else None,

@@ -24,7 +24,7 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -97,41 +97,31 @@ def rss_bytes(gateway_url: str) -> float:
     return float(found.group(1))
 
 
-async def alternate(
-    sides: dict[str, Callable[[int], list[str]]],
-    url: str,
-    profile: Profile,
-    *,
-    count_loads: bool = False,
-) -> dict[str, routing.Run]:
-    """Alternate rounds over ``sides`` (label -> round number -> model sequence) through one gateway."""
-    runs = {name: routing.Run() for name in sides}
-    for r in range(profile.rounds):
-        order = list(sides.items()) if r % 2 == 0 else list(reversed(sides.items()))
-        for name, sequence in order:
-            before = routing.adapter_loads(url) if count_loads else 0.0
-            await routing.drive(url, sequence(r), profile.concurrency, profile.max_tokens, runs[name])
-            runs[name].loads += routing.adapter_loads(url) - before if count_loads else 0.0
-    return runs
-
-
 def measure_serving(
     gateway: str, base_model: str, steady: Sequence[str], churn: Sequence[str], profile: Profile, console: Console
 ) -> dict[str, routing.Run]:
     """Base, one adapter, ``steady`` (fits the slots) round-robin and ``churn`` (does not) with Zipf popularity."""
     n = profile.requests
 
-    def cycle(models: Sequence[str]) -> Callable[[int], list[str]]:
-        return lambda r: [models[i % len(models)] for i in range(n)]
+    def cycle(models: Sequence[str]) -> routing.Side:
+        return gateway, lambda r: [models[i % len(models)] for i in range(n)]
 
     sides = {
         "base": cycle([base_model]),
         "adapter": cycle(steady[:1]),
         "mixed": cycle(steady),
-        "churn": lambda r: routing.zipf_sequence(churn, n, seed=r),
+        "churn": (gateway, lambda r: routing.zipf_sequence(churn, n, seed=r)),
     }
     with console.status(f"Serving: {profile.rounds} alternating rounds of {n} streamed requests per side"):
-        return asyncio.run(alternate(sides, gateway, profile, count_loads=True))
+        return asyncio.run(
+            routing.alternate(
+                sides,
+                rounds=profile.rounds,
+                concurrency=profile.concurrency,
+                max_tokens=profile.max_tokens,
+                count_loads=True,
+            )
+        )
 
 
 async def _first_token_s(client: httpx.AsyncClient, model: str) -> float:

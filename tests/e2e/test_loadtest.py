@@ -133,7 +133,14 @@ def expected_names(scenario: str, target: Target) -> list[tuple[str, str]]:
 def test_scenario_runs_clean_and_writes_its_reports(scenario: str, runs: dict[str, Run], target: Target) -> None:
     run = runs[scenario]
     assert run.code == 0, run.output
-    for report in ("locust_stats.csv", "locust_failures.csv", "report.html", "samples.csv", "locust.log"):
+    for report in (
+        "locust_stats.csv",
+        "locust_failures.csv",
+        "report.html",
+        "samples.csv",
+        "samples.png",
+        "locust.log",
+    ):
         assert (run.out / report).is_file(), report
     assert run.stats[("", "Aggregated")][0] > 0 and run.stats[("", "Aggregated")][1] == 0, run.output
     for kind, name in expected_names(scenario, target):

@@ -43,6 +43,9 @@ def test_rag_answers_with_sources_directly_and_as_a_fallback(
         files.append(tmp_path / name)
     ingest(settings, "handbook", files)
     with running_gateway(settings) as gateway:
+        listed = {m["id"]: m for m in httpx.get(f"{gateway.url}/v1/models").json()["data"]}
+        assert listed["rag:handbook"]["parent"] == gateway.gateway.router.base_model
+        assert httpx.get(f"{gateway.url}/v1/models/rag:handbook").json()["id"] == "rag:handbook"
         question = [{"role": "user", "content": "How do I reset my Nimbus router?"}]
         with client(gateway.url) as openai:
             raw = openai.chat.completions.with_raw_response.create(

@@ -158,3 +158,32 @@ async def test_unknown_route_and_method_are_openai_errors(tmp_path: Path) -> Non
         assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
         wrong = await client.get("/v1/chat/completions")
         assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+async def _listed(client: httpx.AsyncClient) -> dict[str, dict[str, object]]:
+    body = (await client.get("/v1/models")).json()
+    assert body["object"] == "list"
+    return {card["id"]: card for card in body["data"]}
+
+
+async def test_models_list_and_cards_follow_every_registry_change(tmp_path: Path) -> None:
+    model = factories.tiny_llama_model()
+    first = factories.make_lora_adapter(model, tmp_path / "one", seed=1)
+    second = factories.make_lora_adapter(model, tmp_path / "two", seed=2)
+    app = create_app(_settings(tmp_path), transport=httpx.MockTransport(RestartingVllm()))
+    async for client in _client(app):
+        view = app.state.gateway.registry
+        assert set(await _listed(client)) == {"m", "base"}
+        await view.call(view.registry.push_dir, "a", first)
+        assert set(await _listed(client)) == {"m", "base", "a", "a@v1"}
+        await view.call(view.registry.push_dir, "a", second)
+        await view.call(view.registry.set_alias, "a", "staging", 1)
+        cards = await _listed(client)
+        assert set(cards) == {"m", "base", "a", "a@v1", "a@v2", "a@staging"}
+        assert cards["a@staging"] == {**cards["a@v1"], "id": "a@staging"}
+        assert cards["a"]["root"] == "a@v2" and cards["a"]["parent"] == "m" and cards["m"]["parent"] is None
+        for model_id, card in cards.items():
+            one = (await client.get(f"/v1/models/{model_id}")).json()
+            assert one | {"created": 0} == card | {"created": 0}  # the base's `created` is the time of asking
+        missing = await client.get("/v1/models/a@v3")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
