@@ -301,6 +301,8 @@ def run_merged(
                     targets, rounds=rounds, requests=requests, concurrency=concurrency, max_tokens=max_tokens
                 )
             )
+        if pool_url is not None:  # a pool someone else uses gets its adapter slot back
+            httpx.post(f"{pool}/v1/unload_lora_adapter", json={"lora_name": "adapter"}, timeout=60).raise_for_status()
     config = {"rounds": rounds, "requests_per_round": requests, "concurrency": concurrency, "max_tokens": max_tokens}
     _report_merged(runs, config, out_dir, console)
     return runs

@@ -132,7 +132,7 @@ class Offer:
             elif not self.described:
                 notes.append("mixed: no adapter has a description or examples, so auto answers from its default")
             if not self.rag:
-                notes.append("mixed: no RAG collection (give --rag COLLECTION); rag left out of the mix")
+                notes.append("mixed: no rag:COLLECTION listed or given with --rag; rag left out of the mix")
         return notes
 
     @property

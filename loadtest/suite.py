@@ -24,8 +24,8 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -153,13 +153,10 @@ def measure_cold_start(gateway: str, adapters: Sequence[tuple[str, Path]], resul
 
 def make_adapters(base_dir: Path, work: Path, count: int, rank: int, console: Console) -> list[Path]:
     """``count`` distinct random (but real) PEFT adapters of the base."""
-    from transformers import AutoModelForCausalLM
+    from training.synthetic import random_loras
 
-    from training.synthetic import random_lora
-
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
     with console.status(f"Making {count} rank-{rank} adapters with PEFT"):
-        return [random_lora(base, work / f"lora-{i}", rank=rank, seed=i) for i in range(count)]
+        return random_loras(base_dir, {work / f"lora-{i}": i for i in range(count)}, rank=rank)
 
 
 def _merged(base_dir: Path, adapter: Path, work: Path) -> Path:
@@ -209,20 +206,28 @@ def run(
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="quiver-bench-") as tmp:
         work = Path(tmp)
         cold_count = profile.cold_adapters if "serving" in sections else 0
-        loras = make_adapters(base_dir, work, profile.churn_adapters + cold_count, profile.rank, console)
+        with took(console, "adapters"):
+            loras = make_adapters(base_dir, work, profile.churn_adapters + cold_count, profile.rank, console)
         churn_dirs, cold_dirs = loras[: profile.churn_adapters], loras[profile.churn_adapters :]
         pool = _vllm(stack, base_dir, work, "pool", profile, lora=True)
-        merged = None
-        if "merged" in sections:
-            with console.status("Merging one adapter into the base (fp32, checked against base + adapter)"):
-                merged_dir = _merged(base_dir, churn_dirs[0], work)
-            merged = _vllm(stack, merged_dir, work, "merged", profile, lora=False)
-        with console.status("Starting vLLM" + (": the LoRA pool and the merged model" if merged else "")):
-            pool.wait_ready()
+        # The merged model's vLLM starts beside the pool and is stopped before the other sections run.
+        with ExitStack() as merged_stack:
+            merged = None
+            if "merged" in sections:
+                with took(console, "merge"), console.status("Merging one adapter into the base (fp32, checked)"):
+                    merged_dir = _merged(base_dir, churn_dirs[0], work)
+                merged = _vllm(merged_stack, merged_dir, work, "merged", profile, lora=False)
+            with took(console, "vLLM start"), console.status("Starting vLLM"):
+                pool.wait_ready()
+                if merged is not None:
+                    merged.wait_ready()
             if merged is not None:
-                merged.wait_ready()
+                with took(console, "merged vs unmerged vs base"):
+                    routing.run_merged(
+                        base_dir, churn_dirs[0], merged_dir, out_dir, console, pool_url=pool.url, merged_url=merged.url
+                    )
         env = {"QUIVER_MAX_LORAS": str(profile.slots), "QUIVER_FINE_TUNING_WORKERS": "0"}
-        with console.status("Starting the gateway"):
+        with took(console, "gateway start"), console.status("Starting the gateway"):
             gateway = start_gateway(stack, pool.url, work, "suite", env)
         names = [f"bench-{i}" for i in range(len(churn_dirs))]
         with console.status(f"Pushing {len(names)} adapters over HTTP"):
@@ -233,22 +238,29 @@ def run(
         result.rss_idle = rss_bytes(gateway)
 
         if "gateway" in sections:
-            bench.run(pool.url, rounds=6, requests=60, out_dir=out_dir, console=console)
+            with took(console, "gateway vs direct"):
+                bench.run(pool.url, rounds=6, requests=40, out_dir=out_dir, console=console)
         if "serving" in sections:
-            result.runs = measure_serving(gateway, base_model, steady, names, profile, console)
-            measure_cold_start(gateway, [(f"cold-{i}", d) for i, d in enumerate(cold_dirs)], result, console)
+            with took(console, "adapters vs base, churn, cold start"):
+                result.runs = measure_serving(gateway, base_model, steady, names, profile, console)
+                measure_cold_start(gateway, [(f"cold-{i}", d) for i, d in enumerate(cold_dirs)], result, console)
         if "naive" in sections:
             from loadtest import naive
 
-            naive.run(base_dir, dict(zip(steady, churn_dirs, strict=False)), gateway, work, out_dir, console)
+            with took(console, "naive"):
+                naive.run(base_dir, dict(zip(steady, churn_dirs, strict=False)), gateway, work, out_dir, console)
         result.rss_after = rss_bytes(gateway)
-        if merged is not None:
-            routing.run_merged(
-                base_dir, churn_dirs[0], merged_dir, out_dir, console, pool_url=pool.url, merged_url=merged.url
-            )
     if "serving" in sections:
         report(result, profile, out_dir, console, gpu=gpu)
     return result
+
+
+@contextmanager
+def took(console: Console, what: str) -> Iterator[None]:
+    """Print how long ``what`` took: the suite's time budget is spent in plain sight."""
+    started = time.perf_counter()
+    yield
+    console.print(f"[dim]{what}: {time.perf_counter() - started:.0f} s[/]")
 
 
 def _pct(values: Sequence[float], q: float) -> float:

@@ -739,13 +739,16 @@ def bench(
     if Benchmark.registry in chosen:
         from loadtest import registry_scale
 
-        registry_scale.run(base, out, console)
+        with suite.took(console, "registry scale"):
+            registry_scale.run(base, out, console)
     if Benchmark.training in chosen:
         from training import bench as training_bench
 
-        training_bench.run(base, out, console, steps=training_steps, rounds=training_rounds)
+        with suite.took(console, "training"):
+            training_bench.run(base, out, console, steps=training_steps, rounds=training_rounds)
     if Benchmark.routing in chosen:
-        _bench_placement(base, out, profile)
+        with suite.took(console, "affinity vs round-robin"):
+            _bench_placement(base, out, profile)
 
 
 def _bench_placement(base: Path, out: Path, profile: Any) -> None:

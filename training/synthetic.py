@@ -26,6 +26,22 @@ def random_lora(
     rank_pattern: Mapping[str, int] | None = None,
 ) -> Path:
     """Save a LoRA adapter for ``base`` (a model directory, or an ``nn.Module``, left unmodified) in ``out_dir``."""
+    options = {"alpha": alpha, "target_modules": target_modules, "scale": scale, "rank_pattern": rank_pattern}
+    return random_loras(base, {out_dir: seed}, rank=rank, **options)[0]  # type: ignore[arg-type]
+
+
+def random_loras(
+    base: Path | str | Any,
+    seeds: Mapping[Path, int],
+    *,
+    rank: int = 8,
+    alpha: int = 16,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    scale: float = 0.2,
+    rank_pattern: Mapping[str, int] | None = None,
+) -> list[Path]:
+    """One adapter per ``seeds`` entry (directory -> seed), from one PEFT model: a large base is wrapped once,
+    not once per adapter. A model directory loads in fp32; an ``nn.Module`` is left unmodified."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -47,13 +63,18 @@ def random_lora(
         warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`", category=UserWarning)
         warnings.filterwarnings("ignore", message="Setting `save_embedding_layers`", category=UserWarning)
         peft_model = get_peft_model(model, config)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in sorted(peft_model.named_parameters()):
-                if "lora_A" in name or "lora_embedding_A" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
-                elif "lora_B" in name or "lora_embedding_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * scale)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(str(out_dir))
-    return out_dir
+        lora = sorted((n, p) for n, p in peft_model.named_parameters() if "lora_" in n)
+        for out_dir, seed in seeds.items():
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for name, param in lora:
+                    if "lora_A" in name or "lora_embedding_A" in name:
+                        drawn = torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5
+                    elif "lora_B" in name or "lora_embedding_B" in name:
+                        drawn = torch.randn(param.shape, generator=generator) * scale
+                    else:
+                        continue
+                    param.copy_(drawn)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            peft_model.save_pretrained(str(out_dir))
+    return list(seeds)

@@ -94,7 +94,7 @@ def test_offer_sorts_models_into_kinds() -> None:
     assert "needs an adapter" in str(vllm.missing("adapter"))
     assert "registry API" in str(Offer.parse(MODELS, None).missing("hotswap"))
     notes = Offer.parse(MODELS, {"data": []}).notes("mixed", Options())
-    assert any("no RAG collection" in n for n in notes)
+    assert any("no rag:COLLECTION" in n for n in notes)
 
 
 def test_options_travel_through_the_environment() -> None:
