@@ -55,7 +55,7 @@ class Profile:
     churn_adapters: int = 16
     cold_adapters: int = 20
     rounds: int = 4
-    requests: int = 24
+    requests: int = 12
     concurrency: int = 4
     max_tokens: int = 32
     vllm_args: tuple[str, ...] = ()
@@ -224,8 +224,13 @@ def run(
             if merged is not None:
                 with took(console, "merged vs unmerged vs base"):
                     routing.run_merged(
-                        base_dir, churn_dirs[0], merged_dir, out_dir, console, pool_url=pool.url, merged_url=merged.url
-                    )
+                        base_dir, churn_dirs[0], merged_dir, out_dir, console, rounds=profile.rounds,
+                        requests=profile.requests, concurrency=profile.concurrency, max_tokens=profile.max_tokens,
+                        pool_url=pool.url, merged_url=merged.url,
+                    )  # fmt: skip
+        if "gateway" in sections:  # before the suite's own gateway starts: the fewest processes beside it
+            with took(console, "gateway vs direct"):
+                bench.run(pool.url, rounds=6, requests=40, out_dir=out_dir, console=console)
         env = {"QUIVER_MAX_LORAS": str(profile.slots), "QUIVER_FINE_TUNING_WORKERS": "0"}
         with took(console, "gateway start"), console.status("Starting the gateway"):
             gateway = start_gateway(stack, pool.url, work, "suite", env)
@@ -237,9 +242,6 @@ def run(
         asyncio.run(routing.drive(gateway, [base_model, *steady], 1, 4, routing.Run()))
         result.rss_idle = rss_bytes(gateway)
 
-        if "gateway" in sections:
-            with took(console, "gateway vs direct"):
-                bench.run(pool.url, rounds=6, requests=40, out_dir=out_dir, console=console)
         if "serving" in sections:
             with took(console, "adapters vs base, churn, cold start"):
                 result.runs = measure_serving(gateway, base_model, steady, names, profile, console)
