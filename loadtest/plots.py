@@ -45,17 +45,32 @@ def bars(
 
 
 def lines(
-    path: Path, title: str, series: Mapping[str, Sequence[tuple[float, float]]], xlabel: str, ylabel: str
+    path: Path,
+    title: str,
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    xlabel: str,
+    ylabel: str,
+    *,
+    right: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+    right_label: str = "",
 ) -> Path:
-    """One line per series of (x, y) points."""
+    """One line per series of (x, y) points; ``right`` series share x but get their own axis on the right."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
-    for name, points in series.items():
-        ax.plot([x for x, _ in points], [y for _, y in points], marker=".", label=name)
+    axes = [(ax, series, ylabel)]
+    if right:
+        axes.append((ax.twinx(), right, right_label))
+    handles = []
+    for i, (axis, group, label) in enumerate(axes):
+        for j, (name, points) in enumerate(group.items()):
+            drawn = axis.plot(
+                [x for x, _ in points], [y for _, y in points], marker=".", label=name, color=f"C{i * 3 + j}"
+            )
+            handles.extend(drawn)
+        axis.set_ylabel(label)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(handles=handles, fontsize=7)
     return _save(plt, fig, path)
 
 

@@ -357,11 +357,10 @@ def plot_samples(samples: Sequence[Sample], path: Path, scenario: str) -> Path:
     from loadtest import plots
 
     first = next((s.failures for s in samples if s.failures is not None), 0.0) or 0.0
-    series = {
-        "gateway RSS (MiB)": [(s.elapsed_s, s.rss_bytes / 2**20) for s in samples if s.rss_bytes is not None],
-        "failed requests": [(s.elapsed_s, s.failures - first) for s in samples if s.failures is not None],
-    }
-    return plots.lines(path, f"{scenario}: gateway memory and failures over time", series, "seconds", "")
+    rss = {"gateway RSS": [(s.elapsed_s, s.rss_bytes / 2**20) for s in samples if s.rss_bytes is not None]}
+    failed = {"failed requests": [(s.elapsed_s, s.failures - first) for s in samples if s.failures is not None]}
+    title = f"{scenario}: gateway memory and failed requests over time"
+    return plots.lines(path, title, rss, "seconds", "RSS (MiB)", right=failed, right_label="failed requests")
 
 
 def timeline_table(samples: Sequence[Sample]) -> Table:
