@@ -90,6 +90,9 @@ class NaiveModel:
         self.served_name = served_name
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")  # the checkpoint's, as vLLM serves it
+        # On the GPU where vLLM runs (quiver bench --gpu), the naive side runs there too.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        base.to(self.device)
         # PEFT keeps adapters in ModuleDicts, whose keys may not hold '.', so each gets a plain slot name.
         self.slots = {name: f"adapter_{i}" for i, name in enumerate(adapters)}
         first, *rest = adapters.items()
@@ -111,7 +114,7 @@ class NaiveModel:
         encoded: Any = self.tokenizer.apply_chat_template(
             request.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
-        ids = encoded["input_ids"]
+        ids = encoded["input_ids"].to(self.device)
         options = {
             "max_new_tokens": request.max_tokens,
             "min_new_tokens": request.max_tokens if request.ignore_eos else None,

@@ -724,6 +724,8 @@ def bench(
     # The default run is the serving suite (under 15 minutes on a 2-core CPU); training and placement start
     # processes of their own and run when named.
     chosen = set(only or set(Benchmark) - {Benchmark.training, Benchmark.routing})
+    if vllm_url is not None and chosen != {Benchmark.gateway}:
+        _fail(InvalidRequest("--vllm-url goes with --only gateway (the other sections start their own vLLM)"))
     if gpu and base_model is None:
         _fail(InvalidRequest("--gpu needs --base-model: a model directory to serve on CUDA", param="base_model"))
     if gpu and not _cuda():
