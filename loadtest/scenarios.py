@@ -92,7 +92,8 @@ class Offer:
             base=base[0] if base else None,
             adapters=tuple(i for i in adapter_ids if "@" not in i),
             versions=tuple(i for i in adapter_ids if _is_version(i)),
-            rag=tuple(dict.fromkeys(listed_rag + [f"{RAG_PREFIX}{c}" for c in rag])),
+            # Collections named with --rag replace the listed ones: a run can aim at one collection.
+            rag=tuple(f"{RAG_PREFIX}{c}" for c in rag) if rag else tuple(listed_rag),
             gateway=adapters is not None,
             described=any(r.get("description") or r.get("examples") for r in routing),
         )

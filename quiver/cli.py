@@ -638,7 +638,8 @@ def loadtest(
     ] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens of every request.")] = 16,
     rag: Annotated[
-        list[str] | None, typer.Option(help="mixed: a RAG collection to include as rag:COLLECTION (repeatable).")
+        list[str] | None,
+        typer.Option(help="mixed: use this RAG collection (repeatable; default: every rag:C the target lists)."),
     ] = None,
     sample_every: Annotated[
         float, typer.Option(min=0.5, help="Seconds between samples of the target's /metrics (RSS, counters).")

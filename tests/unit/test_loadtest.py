@@ -97,6 +97,14 @@ def test_offer_sorts_models_into_kinds() -> None:
     assert any("no rag:COLLECTION" in n for n in notes)
 
 
+def test_listed_rag_collections_are_used_unless_named_ones_replace_them() -> None:
+    base = MODELS["data"][0]["id"]
+    listed = {"data": [*MODELS["data"], {"id": "rag:handbook", "parent": base}, {"id": "rag:faq", "parent": base}]}
+    offer = Offer.parse(listed, {"data": []})
+    assert offer.rag == ("rag:handbook", "rag:faq") and "rag:handbook" not in offer.adapters
+    assert Offer.parse(listed, {"data": []}, rag=["faq"]).rag == ("rag:faq",)
+
+
 def test_options_travel_through_the_environment() -> None:
     options = Options(max_tokens=8, push_dir=Path("/adapters/support"), rag=("a", "b"))
     assert Options.from_env(options.to_env()) == options
