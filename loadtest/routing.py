@@ -26,6 +26,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.console import Console
@@ -183,24 +184,35 @@ def push(gateway_url: str, name: str, directory: Path) -> None:
     response.raise_for_status()
 
 
-def _vllm(
-    stack: ExitStack, base_dir: Path, work: Path, name: str, *, slots: int, lora: bool = True, rank: int = 8
-) -> str:
+def start_vllm(
+    stack: ExitStack, model: Path, work: Path, name: str, *, slots: int, rank: int = 8, lora: bool = True,
+    extra_args: tuple[str, ...] = (),
+) -> Any:  # fmt: skip
+    """Launch a vLLM for a benchmark (stopped when ``stack`` closes) without waiting for it: the caller waits,
+    so two can start side by side. ``rank``: the bench adapters' rank, which vLLM pads every adapter to."""
     from quiver.vllm_server import VllmServer, free_port
 
     server = VllmServer(
-        model=str(base_dir),
-        served_name=base_dir.name if lora else name,
+        model=str(model),
+        served_name=model.name if lora else name,
         port=free_port(),
         log_path=work / f"vllm-{name}.log",
         max_loras=slots,
-        max_lora_rank=rank,  # the bench adapters' rank: vLLM pads every adapter to this
+        max_lora_rank=rank,
         enable_lora=lora,
+        extra_args=extra_args,
     )
     server.start()
     stack.callback(server.stop)
+    return server
+
+
+def _vllm(
+    stack: ExitStack, base_dir: Path, work: Path, name: str, *, slots: int, lora: bool = True, rank: int = 8
+) -> str:
+    server = start_vllm(stack, base_dir, work, name, slots=slots, rank=rank, lora=lora)
     server.wait_ready()
-    return server.url
+    return str(server.url)
 
 
 def run_placement(

@@ -175,21 +175,9 @@ def _merged(base_dir: Path, adapter: Path, work: Path) -> Path:
 
 
 def _vllm(stack: ExitStack, model: Path, work: Path, name: str, profile: Profile, *, lora: bool) -> Any:
-    from quiver.vllm_server import VllmServer, free_port
-
-    server = VllmServer(
-        model=str(model),
-        served_name=model.name if lora else name,
-        port=free_port(),
-        log_path=work / f"vllm-{name}.log",
-        max_loras=profile.slots,
-        max_lora_rank=profile.rank,
-        enable_lora=lora,
-        extra_args=profile.vllm_args,
+    return routing.start_vllm(
+        stack, model, work, name, slots=profile.slots, rank=profile.rank, lora=lora, extra_args=profile.vllm_args
     )
-    server.start()
-    stack.callback(server.stop)
-    return server
 
 
 SECTIONS = ("gateway", "serving", "naive", "merged")
