@@ -111,9 +111,13 @@ def test_request_in_flight_finishes_on_its_version_when_the_alias_moves(
     push(gateway.url, name, lora_dirs[1])
     push(gateway.url, other, lora_dirs[2])
     httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 1, "force": True})
-    expected, _ = greedy(gateway.url, name, max_tokens=48)
+    # Long enough (ignore_eos) that the stream is still generating while the other requests load and evict;
+    # a short answer can finish server-side, into the socket buffers, before the client reads its first line.
+    body = {"model": name, "messages": QUESTION, "max_tokens": 256, "ignore_eos": True, "temperature": 0, "seed": 0}
+    answer = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
+    expected = answer.json()["choices"][0]["message"]["content"]
 
-    body = {"model": name, "messages": QUESTION, "max_tokens": 48, "temperature": 0, "seed": 0, "stream": True}
+    body["stream"] = True
     pieces: list[str] = []
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=120) as response:
         assert response.headers["x-quiver-served-by"] == f"{name}@v1"
