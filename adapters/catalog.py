@@ -115,6 +115,8 @@ class Adapter:
     aliases: Mapping[str, int]
     created_at: datetime
     routing: AdapterRouting = AdapterRouting()
+    # The tenant whose keys see it; None: shared with every tenant.
+    tenant: str | None = None
 
     @property
     def latest(self) -> AdapterVersion:
@@ -160,6 +162,7 @@ class Catalog:
             for alias, number in sorted(adapter.aliases.items()):
                 ids[f"{adapter.name}@{alias}"] = adapter.version(number)
         self._ids: Mapping[str, AdapterVersion] = MappingProxyType(ids)
+        self._views: dict[str, Catalog] = {}
 
     @property
     def adapters(self) -> Mapping[str, Adapter]:
@@ -192,6 +195,21 @@ class Catalog:
             f"model '{model}' does not exist; {name} has versions {adapter._numbers()} and aliases {aliases}",
             param="model",
         )
+
+    def visible_to(self, tenant: str | None) -> Catalog:
+        """What ``tenant``'s keys see: its own adapters and the shared ones; None sees everything.
+
+        Built once per snapshot and tenant; the snapshot is immutable, so the view never goes stale.
+        """
+        if tenant is None:
+            return self
+        view = self._views.get(tenant)
+        if view is None:
+            adapters = [a for a in self._adapters.values() if a.tenant in (None, tenant)]
+            names = {a.name for a in adapters}
+            deployments = [d for d in self._deployments.values() if d.name in names]
+            view = self._views[tenant] = Catalog(adapters, self.revision, deployments)
+        return view
 
     def model_ids(self) -> Mapping[str, AdapterVersion]:
         """Every model string that resolves (``name``, ``name@vN``, ``name@alias``) and its version."""

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
+    Connection,
     DateTime,
     Engine,
     ForeignKey,
@@ -21,8 +26,11 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
+    inspect,
     select,
+    text,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 metadata = MetaData()
@@ -35,6 +43,8 @@ adapters = Table(
     # The highest number ever given: numbers are never reused after a delete, because a replica may
     # still hold the deleted name@vN loaded under that name.
     Column("last_number", Integer, nullable=False),
+    # The tenant whose keys see and use the adapter; NULL: shared with every tenant.
+    Column("tenant", String(64), nullable=True),
 )
 
 versions = Table(
@@ -137,6 +147,47 @@ deployments = Table(
     ),
 )
 
+# Tenants and their limits (None: unlimited). A tenant row is made with its first key.
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("requests_per_min", Integer, nullable=True),
+    Column("tokens_per_min", BigInteger, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# API keys: only the secret's SHA-256 is kept; the key itself is shown once, at creation.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("tenant", String(64), ForeignKey("tenants.name"), nullable=False),
+    Column("name", String(128), nullable=True),
+    Column("scopes", JSON, nullable=False),
+    Column("requests_per_min", Integer, nullable=True),
+    Column("tokens_per_min", BigInteger, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+)
+
+# Usage per minute, key, tenant and what served the request (``name@vN``, the base, a frontier model).
+# Not a registry change: written without bumping the revision.
+usage = Table(
+    "usage",
+    metadata,
+    Column("minute", DateTime(timezone=True), primary_key=True),
+    Column("tenant", String(64), primary_key=True),
+    Column("key_id", String(32), primary_key=True),  # "" for requests made while the gateway is open
+    Column("served_by", String(256), primary_key=True),
+    Column("requests", Integer, nullable=False),
+    Column("errors", Integer, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+)
+
 # One row; every write transaction bumps it first, which also serializes writers.
 revision = Table(
     "revision",
@@ -146,6 +197,20 @@ revision = Table(
 )
 
 WRITE = "quiver_write"  # execution option marking a connection that will write
+
+# The schema before migrations existed (revision 0001); older databases may lack some of these tables.
+BASELINE = "0001"
+BASELINE_TABLES = (
+    "adapters",
+    "versions",
+    "aliases",
+    "evaluations",
+    "adapter_routing",
+    "merges",
+    "deployments",
+    "revision",
+)
+_MIGRATION_LOCK = 0x51_7569_7665  # any constant shared by every gateway: "Quive"
 
 
 def sql_engine(url: str) -> Engine:
@@ -160,9 +225,9 @@ def sql_engine(url: str) -> Engine:
 
 
 def open_engine(url: str) -> Engine:
-    """An engine for ``url`` (see ``sql_engine``) with the registry's tables created."""
+    """An engine for ``url`` (see ``sql_engine``) with the registry's schema migrated to the newest revision."""
     engine = sql_engine(url)
-    metadata.create_all(engine)
+    migrate(engine)
     try:
         with engine.begin() as conn:
             if conn.scalar(select(revision.c.value).where(revision.c.id == 1)) is None:
@@ -170,6 +235,50 @@ def open_engine(url: str) -> Engine:
     except IntegrityError:
         pass  # another process opened the same database first
     return engine
+
+
+def upsert(conn: Connection, table: Table) -> Any:
+    """An INSERT of ``table`` that can say ``on_conflict_do_update``: SQLite's or PostgreSQL's."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    if conn.dialect.name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"the registry runs on SQLite or PostgreSQL, not {conn.dialect.name}")
+
+
+def _alembic(conn: Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.attributes["connection"] = conn
+    return config
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The Alembic revision the database is at; None before it was ever migrated."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the registry's schema to the newest revision; safe when several processes start at once.
+
+    A new database gets every table at once and is stamped with the newest revision. One made before
+    migrations existed (tables, no ``alembic_version``) is stamped with the baseline and upgraded.
+    """
+    with engine.execution_options(**{WRITE: True}).begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Gateways starting together: one migrates, the others wait and then find nothing to do.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        config = _alembic(conn)
+        if MigrationContext.configure(conn).get_current_revision() is None:
+            if inspect(conn).has_table("adapters"):
+                metadata.create_all(conn, tables=[metadata.tables[name] for name in BASELINE_TABLES])
+                command.stamp(config, BASELINE)
+            else:
+                metadata.create_all(conn)
+                command.stamp(config, "head")
+                return
+        command.upgrade(config, "head")
 
 
 def _configure_sqlite(engine: Engine) -> None:

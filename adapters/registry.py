@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, Row, RowMapping, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from adapters import db
+from adapters import db, keys
 from adapters.archive import UploadLimits, extract_archive
 from adapters.catalog import (
     MERGE_FILE,
@@ -32,11 +32,13 @@ from adapters.catalog import (
     Merge,
     lora_name,
 )
+from adapters.keys import ApiKey, KeyRing, NewKey, Tenant
 from adapters.promotion import DEFAULT_MARGIN, PROMOTED_ALIASES, promotion_refusal
 from adapters.spec import BaseModelSpec
 from adapters.store import LocalStore, delete_tree, digest
+from adapters.usage import UsageRow
 from adapters.validation import AdapterInfo, adapter_files, validate_adapter_dir
-from quiver.errors import Conflict, InvalidRequest, NotFound
+from quiver.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 
 T = TypeVar("T")
 
@@ -126,33 +128,38 @@ class Registry:
 
     # -- pushing --------------------------------------------------------------------------------
 
-    def push_dir(self, name: str, directory: Path) -> PushResult:
-        """Push the adapter in ``directory`` (a PEFT ``save_pretrained`` output) as a version of ``name``."""
+    def push_dir(self, name: str, directory: Path, *, tenant: str | None = None) -> PushResult:
+        """Push the adapter in ``directory`` (a PEFT ``save_pretrained`` output) as a version of ``name``.
+
+        ``tenant``: a new adapter belongs to it, and an existing one must already (NotFound otherwise, so
+        other tenants' names do not show); None pushes with no tenant check, and a new adapter is shared.
+        """
         self._check_name(name)
         if not directory.is_dir():
             raise InvalidRequest(f"{directory} is not a directory", param="directory")
         with self._store.staging() as staged:
             for path in adapter_files(directory):
                 shutil.copyfile(path, staged / path.name)
-            return self._push_staged(name, staged)
+            return self._push_staged(name, staged, tenant)
 
-    def push_archive(self, name: str, archive_path: Path) -> PushResult:
-        """Push an adapter uploaded as a ``.tar``, ``.tar.gz`` or ``.zip`` archive."""
+    def push_archive(self, name: str, archive_path: Path, *, tenant: str | None = None) -> PushResult:
+        """Push an adapter uploaded as a ``.tar``, ``.tar.gz`` or ``.zip`` archive (``tenant`` as in ``push_dir``)."""
         self._check_name(name)
         with self._store.staging() as staged:
             extract_archive(archive_path, staged, self._limits)
-            return self._push_staged(name, staged)
+            return self._push_staged(name, staged, tenant)
 
-    def _push_staged(self, name: str, staged: Path) -> PushResult:
+    def _push_staged(self, name: str, staged: Path, tenant: str | None) -> PushResult:
         info = validate_adapter_dir(staged, self._base, self._max_lora_rank)
         sha256 = digest(staged)
         with self._engine.begin() as conn:
+            self._check_tenant(conn, name, tenant)
             existing = self._version_by_sha(conn, name, sha256)
         if existing is not None:
             return PushResult(existing, created=False)
         final = self._store.commit(staged, name, sha256)
         try:
-            return self._write(lambda conn: self._insert_version(conn, name, sha256, final, info))
+            return self._write(lambda conn: self._insert_version(conn, name, sha256, final, info, tenant))
         except BaseException:
             # Take the files back unless a row uses them (a concurrent push of the same content may).
             # If even that check fails, keep them: an identical push later reuses them.
@@ -163,7 +170,10 @@ class Registry:
                     self._store.remove(final)
             raise
 
-    def _insert_version(self, conn: Connection, name: str, sha256: str, final: Path, info: AdapterInfo) -> PushResult:
+    def _insert_version(
+        self, conn: Connection, name: str, sha256: str, final: Path, info: AdapterInfo, tenant: str | None
+    ) -> PushResult:
+        self._check_tenant(conn, name, tenant)  # again: the name may have been taken since the first check
         existing = self._version_by_sha(conn, name, sha256)
         if existing is not None:  # a concurrent push of the same content won
             return PushResult(existing, created=False)
@@ -171,7 +181,7 @@ class Registry:
         last = conn.scalar(select(db.adapters.c.last_number).where(db.adapters.c.name == name))
         number = (last or 0) + 1
         if last is None:
-            conn.execute(insert(db.adapters).values(name=name, created_at=now, last_number=number))
+            conn.execute(insert(db.adapters).values(name=name, created_at=now, last_number=number, tenant=tenant))
         else:
             conn.execute(update(db.adapters).where(db.adapters.c.name == name).values(last_number=number))
         conn.execute(
@@ -440,7 +450,162 @@ class Registry:
         with self._engine.begin() as conn:
             return self._deployments(conn)
 
+    # -- keys, tenants and usage ------------------------------------------------------------------
+
+    def create_key(
+        self,
+        tenant: str,
+        scopes: Iterable[str],
+        *,
+        name: str | None = None,
+        requests_per_min: int | None = None,
+        tokens_per_min: int | None = None,
+        expires_at: datetime | None = None,
+    ) -> NewKey:
+        """A new API key of ``tenant`` (created if new); the returned token is the only copy of its secret."""
+        if not keys.TENANT_RULE.fullmatch(tenant):
+            raise InvalidRequest(
+                f"invalid tenant {tenant!r}: use 1-64 characters a-z, 0-9, '.', '_', '-', "
+                "starting with a letter or digit",
+                param="tenant",
+            )
+        try:
+            checked = keys.check_scopes(scopes)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="scopes") from None
+        for value, param in ((requests_per_min, "requests_per_min"), (tokens_per_min, "tokens_per_min")):
+            if value is not None and value < 1:
+                raise InvalidRequest(f"{param} must be at least 1 (leave it out for no limit)", param=param)
+        now = datetime.now(UTC)
+        if expires_at is not None and expires_at <= now:
+            raise InvalidRequest("expires_at is in the past", param="expires_at")
+        key_id, token, sha256 = keys.new_secret()
+
+        def work(conn: Connection) -> NewKey:
+            if conn.scalar(select(db.tenants.c.name).where(db.tenants.c.name == tenant)) is None:
+                conn.execute(insert(db.tenants).values(name=tenant, created_at=now))
+            row = {
+                "id": key_id,
+                "secret_sha256": sha256,
+                "tenant": tenant,
+                "name": name,
+                "scopes": list(checked),
+                "requests_per_min": requests_per_min,
+                "tokens_per_min": tokens_per_min,
+                "created_at": now,
+                "expires_at": expires_at,
+                "revoked_at": None,
+            }
+            conn.execute(insert(db.api_keys).values(**row))
+            return keys.NewKey(_api_key(row), token)
+
+        return self._write(work)
+
+    def api_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        """Every key (of ``tenant``), oldest first, revoked and expired ones included."""
+        query = select(db.api_keys).order_by(db.api_keys.c.created_at, db.api_keys.c.id)
+        if tenant is not None:
+            query = query.where(db.api_keys.c.tenant == tenant)
+        with self._engine.begin() as conn:
+            return [_api_key(row) for row in conn.execute(query).mappings()]
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        """Revoke a key at once (gateways see it at their next registry refresh); NotFound if there is none."""
+
+        def work(conn: Connection) -> ApiKey:
+            k = db.api_keys
+            row = conn.execute(select(k).where(k.c.id == key_id)).mappings().first()
+            if row is None:
+                raise NotFound(f"no API key with id '{key_id}'", param="key_id")
+            if row["revoked_at"] is None:
+                conn.execute(update(k).where(k.c.id == key_id).values(revoked_at=datetime.now(UTC)))
+            return _api_key(conn.execute(select(k).where(k.c.id == key_id)).mappings().one())
+
+        return self._write(work)
+
+    def set_tenant_limits(
+        self, tenant: str, *, requests_per_min: int | None | Unset = UNSET, tokens_per_min: int | None | Unset = UNSET
+    ) -> Tenant:
+        """Change a tenant's per-minute limits (None: unlimited; left out: unchanged); NotFound if it has no keys."""
+
+        def work(conn: Connection) -> Tenant:
+            t = db.tenants
+            values = {
+                k: v
+                for k, v in (("requests_per_min", requests_per_min), ("tokens_per_min", tokens_per_min))
+                if not isinstance(v, Unset)
+            }
+            for param, value in values.items():
+                if value is not None and value < 1:
+                    raise InvalidRequest(f"{param} must be at least 1 (or none for no limit)", param=param)
+            if values and conn.execute(update(t).where(t.c.name == tenant).values(**values)).rowcount == 0:
+                raise NotFound(f"tenant '{tenant}' does not exist (it is made with its first key)", param="tenant")
+            row = conn.execute(select(t).where(t.c.name == tenant)).mappings().first()
+            if row is None:
+                raise NotFound(f"tenant '{tenant}' does not exist (it is made with its first key)", param="tenant")
+            return _tenant(row)
+
+        return self._write(work)
+
+    def key_ring(self) -> KeyRing:
+        """Every key and tenant, for checking tokens in memory."""
+        with self._engine.begin() as conn:
+            found = [_api_key(r) for r in conn.execute(select(db.api_keys)).mappings()]
+            tenants = [_tenant(r) for r in conn.execute(select(db.tenants)).mappings()]
+            return KeyRing(found, tenants, self._revision(conn))
+
+    def record_usage(self, rows: Sequence[UsageRow]) -> None:
+        """Add counts to the per-minute usage table; not a registry change, so the revision stays."""
+        if not rows:
+            return
+        u = db.usage
+        with self._writer.begin() as conn:
+            upsert = db.upsert(conn, u)
+            for row in rows:
+                statement = upsert.values(**row.as_dict()).on_conflict_do_update(
+                    index_elements=["minute", "tenant", "key_id", "served_by"],
+                    set_={c: u.c[c] + upsert.excluded[c] for c in UsageRow.COUNTS},
+                )
+                conn.execute(statement)
+
+    def usage(
+        self,
+        *,
+        tenant: str | None = None,
+        key_id: str | None = None,
+        served_by: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageRow]:
+        """Usage per minute, key, tenant and what served it; every filter given must match (``served_by``:
+        ``name@vN`` exactly, or ``name`` for all of an adapter's versions)."""
+        u = db.usage
+        query = select(u).order_by(u.c.minute, u.c.tenant, u.c.key_id, u.c.served_by)
+        if tenant is not None:
+            query = query.where(u.c.tenant == tenant)
+        if key_id is not None:
+            query = query.where(u.c.key_id == key_id)
+        if served_by is not None:
+            query = query.where(
+                (u.c.served_by == served_by) | u.c.served_by.startswith(f"{served_by}@", autoescape=True)
+            )
+        if since is not None:
+            query = query.where(u.c.minute >= since)
+        if until is not None:
+            query = query.where(u.c.minute < until)
+        with self._engine.begin() as conn:
+            return [UsageRow.from_row(r) for r in conn.execute(query).mappings()]
+
     # -- internals ------------------------------------------------------------------------------
+
+    def _check_tenant(self, conn: Connection, name: str, tenant: str | None) -> None:
+        if tenant is None:
+            return
+        owner = conn.execute(select(db.adapters.c.tenant).where(db.adapters.c.name == name)).first()
+        if owner is not None and owner[0] != tenant:
+            if owner[0] is None:
+                raise PermissionDenied(f"adapter '{name}' is shared; only an admin key can push versions of it")
+            raise NotFound(f"adapter '{name}' does not exist", param="name")
 
     def _check_name(self, name: str) -> None:
         if not NAME_RULE.fullmatch(name):
@@ -518,6 +683,7 @@ class Registry:
                 aliases=MappingProxyType(dict(sorted(aliases.get(row["name"], {}).items()))),
                 created_at=_utc(row["created_at"]),
                 routing=routing.get(row["name"], AdapterRouting()),
+                tenant=row["tenant"],
             )
             for row in conn.execute(adapter_q).mappings()
         ]
@@ -601,6 +767,25 @@ def _routing(row: Row[Any]) -> AdapterRouting:
         examples=tuple(row.examples or ()),
         fallback=tuple(fallback) if fallback is not None else None,
     )
+
+
+def _api_key(row: Mapping[Any, Any]) -> ApiKey:
+    return ApiKey(
+        id=row["id"],
+        tenant=row["tenant"],
+        name=row["name"],
+        scopes=tuple(row["scopes"]),
+        requests_per_min=row["requests_per_min"],
+        tokens_per_min=row["tokens_per_min"],
+        created_at=_utc(row["created_at"]),
+        expires_at=_utc(row["expires_at"]) if row["expires_at"] is not None else None,
+        revoked_at=_utc(row["revoked_at"]) if row["revoked_at"] is not None else None,
+        secret_sha256=row["secret_sha256"],
+    )
+
+
+def _tenant(row: Mapping[Any, Any]) -> Tenant:
+    return Tenant(row["name"], row["requests_per_min"], row["tokens_per_min"], _utc(row["created_at"]))
 
 
 def _utc(value: datetime) -> datetime:

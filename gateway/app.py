@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 
 from adapters import BaseModelSpec, Registry
 from gateway import admin, files, fine_tuning, routes
+from gateway.auth import Authenticator
 from gateway.auto import SemanticRouter
 from gateway.deployments import MergedDeployments
 from gateway.deps import Gateway
@@ -34,6 +35,7 @@ from gateway.serving import Proxy
 from gateway.settings import Settings
 from gateway.tokens import PromptMeter
 from gateway.upstream import VllmReplica
+from gateway.usage import UsageMeter
 from quiver.embeddings import Embedder
 from quiver.errors import QuiverError
 
@@ -129,8 +131,16 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None)
         auto=SemanticRouter(policy.auto.threshold, embedder),
         merged=merged,
     )
-    proxy = Proxy(router, metrics, meter, rag)
-    return Gateway(settings, metrics, pool, view, router, proxy, frontiers, rag, merged)
+    usage = UsageMeter(registry)
+    proxy = Proxy(router, metrics, meter, rag, usage)
+    admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+    auth = Authenticator(lambda: view.keys, admin_key)
+    if auth.open:
+        log.warning(
+            "no API keys configured: the gateway is open, to clients on loopback only; create a key with "
+            "`quiver keys create --tenant NAME --scope inference` (or set QUIVER_ADMIN_KEY) to serve others"
+        )
+    return Gateway(settings, metrics, pool, view, router, proxy, frontiers, rag, merged, auth, usage)
 
 
 def _replica(settings: Settings, url: str, name: str, transport: httpx.AsyncBaseTransport | None) -> VllmReplica:
@@ -162,12 +172,15 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
                 asyncio.create_task(gateway.registry.watch(settings.registry_refresh_s), name="registry-refresh"),
                 asyncio.create_task(gateway.rag.watch(settings.registry_refresh_s), name="rag-collections"),
                 asyncio.create_task(gateway.merged.watch(settings.health_interval_s), name="merged-monitor"),
+                asyncio.create_task(gateway.usage.watch(settings.usage_flush_s), name="usage-flush"),
             ]
             yield
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            with suppress(Exception):
+                await gateway.usage.flush()
             await app.state.fine_tuning.stop()
             await gateway.pool.aclose()
             await gateway.merged.aclose()

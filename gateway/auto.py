@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class _Index:
-    revision: int
+    catalog: Catalog  # the snapshot (or a tenant's view of it) the index was built from
     owners: tuple[str, ...]  # the adapter each row describes
     vectors: NDArray[np.float32]
 
@@ -35,7 +35,9 @@ class SemanticRouter:
     def __init__(self, threshold: float, embedder: Embedder) -> None:
         self.threshold = threshold
         self._embedder = embedder
-        self._index: _Index | None = None
+        # One index per catalog seen at the current revision: the snapshot, or a tenant's view of it.
+        self._indexes: dict[int, _Index] = {}
+        self._vectors: dict[str, NDArray[np.float32]] = {}  # text -> embedding, at the current revision
         self._lock = threading.Lock()
 
     async def choose(self, prompt: str, catalog: Catalog) -> tuple[str | None, float]:
@@ -49,11 +51,17 @@ class SemanticRouter:
 
         with self._lock:  # one model load and one index build, however many requests arrive at once
             embedder = self._embedder
-            index = self._index
-            if index is None or index.revision != catalog.revision:
+            index = self._indexes.get(id(catalog))
+            if index is None or index.catalog is not catalog:
+                if any(i.catalog.revision != catalog.revision for i in self._indexes.values()):
+                    self._indexes.clear()
+                    self._vectors.clear()
                 owners = [(a.name, t) for a in catalog.adapters.values() for t in _texts(a)]
-                vectors = embedder.encode([t for _, t in owners])
-                index = self._index = _Index(catalog.revision, tuple(n for n, _ in owners), vectors)
+                missing = list(dict.fromkeys(t for _, t in owners if t not in self._vectors))
+                if missing:
+                    self._vectors.update(zip(missing, embedder.encode(missing), strict=True))
+                vectors = np.stack([self._vectors[t] for _, t in owners])
+                index = self._indexes[id(catalog)] = _Index(catalog, tuple(n for n, _ in owners), vectors)
         scores = index.vectors @ embedder.encode([prompt])[0]
         best = int(np.argmax(scores))
         score = float(scores[best])

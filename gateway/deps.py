@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from gateway.auth import Authenticator
 from gateway.deployments import MergedDeployments
 from gateway.frontier import Frontier
 from gateway.health import ReplicaMonitor
@@ -19,6 +20,7 @@ from gateway.router import Router
 from gateway.serving import Proxy
 from gateway.settings import Settings
 from gateway.upstream import VllmReplica
+from gateway.usage import UsageMeter
 
 
 @dataclass
@@ -34,6 +36,8 @@ class Gateway:
     frontiers: dict[str, Frontier]
     rag: RagTarget
     merged: MergedDeployments
+    auth: Authenticator
+    usage: UsageMeter
 
     # The first replica's parts: the only ones in the embedded default.
     @property

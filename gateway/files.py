@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
+from adapters.keys import FINE_TUNE
+from gateway.auth import requires
 from gateway.deps import GatewayDep
 from gateway.fine_tuning import FineTuningDep
 from gateway.protocol import FileDeleted, FileList, FilePublic
@@ -19,7 +21,7 @@ from gateway.uploads import check_length, form_schema, spool
 from quiver.errors import InvalidRequest
 from training.files import PURPOSE_FINE_TUNE, FileStore, StoredFile, upload_name
 
-router = APIRouter(prefix="/v1/files")
+router = APIRouter(prefix="/v1/files", dependencies=[Depends(requires(FINE_TUNE))])
 
 _UPLOAD_SCHEMA = form_schema(
     purpose={"type": "string", "enum": [PURPOSE_FINE_TUNE]},

@@ -17,6 +17,8 @@ from typing import Annotated, TypeVar
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Query, Request
 
+from adapters.keys import FINE_TUNE
+from gateway.auth import requires
 from gateway.deps import Gateway, GatewayDep
 from gateway.protocol import (
     CheckpointList,
@@ -134,7 +136,7 @@ async def fine_tuning_of(request: Request) -> FineTuning:
 
 FineTuningDep = Annotated[FineTuning, Depends(fine_tuning_of)]
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs")
+router = APIRouter(prefix="/v1/fine_tuning/jobs", dependencies=[Depends(requires(FINE_TUNE))])
 
 
 def base_model_of(gateway: Gateway, model: str) -> str:

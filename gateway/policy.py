@@ -81,15 +81,26 @@ class RuleMatch(BaseModel):
     header: dict[str, str] = Field(default_factory=dict, description='Header -> value ("*": any value).')
     metadata: dict[str, str] = Field(default_factory=dict, description="The request body's metadata fields.")
     model: str | None = Field(None, description="The model string the client sent.")
+    tenant: str | None = Field(None, description="The tenant of the request's API key.")
+    key: str | None = Field(None, description="The id of the request's API key (``quiver keys list``).")
 
     @field_validator("header")
     @classmethod
     def _lower(cls, value: dict[str, str]) -> dict[str, str]:
         return {k.lower(): v for k, v in value.items()}
 
-    def matches(self, headers: Mapping[str, str], metadata: Mapping[str, Any], model: str) -> bool:
-        """Whether a request with these headers (lower-case names), metadata and model matches."""
+    def matches(
+        self,
+        headers: Mapping[str, str],
+        metadata: Mapping[str, Any],
+        model: str,
+        tenant: str | None = None,
+        key: str | None = None,
+    ) -> bool:
+        """Whether a request with these headers (lower-case names), metadata, model and caller matches."""
         if self.model is not None and self.model != model:
+            return False
+        if (self.tenant is not None and self.tenant != tenant) or (self.key is not None and self.key != key):
             return False
         for name, want in self.header.items():
             got = headers.get(name)
@@ -165,9 +176,16 @@ class RoutingPolicy(BaseModel):
             )
             raise ValueError(f"routing file {path}: {problems}") from None
 
-    def rule_for(self, headers: Mapping[str, str], metadata: Mapping[str, Any], model: str) -> Rule | None:
+    def rule_for(
+        self,
+        headers: Mapping[str, str],
+        metadata: Mapping[str, Any],
+        model: str,
+        tenant: str | None = None,
+        key: str | None = None,
+    ) -> Rule | None:
         """The first rule this request matches."""
-        return next((r for r in self.rules if r.match.matches(headers, metadata, model)), None)
+        return next((r for r in self.rules if r.match.matches(headers, metadata, model, tenant, key)), None)
 
     def frontier_for_model(self, model: str) -> FrontierConfig | None:
         """The frontier that serves ``model`` by name (``frontier:NAME`` or one of its mapped names)."""

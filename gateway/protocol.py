@@ -114,6 +114,7 @@ class AdapterPublic(BaseModel):
 
     object: Literal["adapter"] = "adapter"
     name: str
+    tenant: str | None = Field(None, description="The tenant whose keys see it; null: shared with every tenant.")
     created_at: datetime
     latest: int
     aliases: dict[str, int]
@@ -434,3 +435,23 @@ class CheckpointList(BaseModel):
     has_more: bool
     first_id: str | None
     last_id: str | None
+
+
+class UsagePublic(BaseModel):
+    """One minute of one key's requests to one target."""
+
+    minute: datetime
+    tenant: str
+    key_id: str = Field(description='The API key\'s id; "" for requests made while the gateway ran open.')
+    served_by: str
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class UsageList(BaseModel):
+    """``GET /v1/usage``: rows ordered by minute."""
+
+    object: Literal["list"] = "list"
+    data: list[UsagePublic]

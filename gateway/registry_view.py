@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 
 from adapters import Catalog, Registry
+from adapters.keys import KeyRing
 from gateway.polling import poll
 
 log = logging.getLogger("quiver.registry")
@@ -22,11 +23,12 @@ T = TypeVar("T")
 
 
 class RegistryView:
-    """Holds the current Catalog and runs blocking registry calls off the event loop."""
+    """Holds the current Catalog and KeyRing, and runs blocking registry calls off the event loop."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.catalog: Catalog = registry.snapshot()
+        self.keys: KeyRing = registry.key_ring()
         self._derived: dict[Hashable, tuple[Catalog, Any]] = {}
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
@@ -50,15 +52,18 @@ class RegistryView:
 
     async def refresh(self) -> None:
         """Take a new snapshot if the registry changed since the last one."""
-        catalog = await anyio.to_thread.run_sync(self._load)
+        loaded = await anyio.to_thread.run_sync(self._load)
         # Two refreshes may finish out of order; never put an older snapshot back.
-        if catalog is not None and catalog.revision > self.catalog.revision:
-            self.catalog = catalog
+        if loaded is not None and loaded[0].revision > self.catalog.revision:
+            self.catalog, self.keys = loaded
 
-    def _load(self) -> Catalog | None:
+    def _load(self) -> tuple[Catalog, KeyRing] | None:
         if self.registry.revision() == self.catalog.revision:
             return None
-        return self.registry.snapshot()
+        # The keys after the catalog: they are then at least as new as the revision the view records, so a
+        # key revoked between the two reads is seen now, not missed until some later change.
+        catalog = self.registry.snapshot()
+        return catalog, self.registry.key_ring()
 
     async def watch(self, interval_s: float) -> None:
         """Poll for outside writes until cancelled."""

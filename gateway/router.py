@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from adapters import AdapterVersion, Catalog
+from gateway.auth import OPEN, Principal
 from gateway.frontier import Frontier
 from gateway.policy import FRONTIER_PREFIX, RAG_PREFIX, RoutingPolicy
 from gateway.pool import Member, ReplicaPool
@@ -146,6 +147,7 @@ class RouteRequest:
     headers: Mapping[str, str]
     metadata: Mapping[str, Any]
     prompt: str
+    principal: Principal = OPEN
 
 
 @dataclass(frozen=True)
@@ -215,12 +217,14 @@ class Router:
     async def plan(self, request: RouteRequest) -> Plan:
         """The plan for a request; ModelNotFound when nothing serves its model."""
         model, route, chain = request.model, "model", None
-        rule = self.policy.rule_for(request.headers, request.metadata, model)
+        caller = request.principal
+        rule = self.policy.rule_for(request.headers, request.metadata, model, caller.tenant, caller.key_id)
         if rule is not None:
             model, route, chain = rule.model, f"rule:{rule.name}", rule.fallback
+        # Another tenant's adapters do not exist for this caller: not found, never forbidden.
+        catalog = self._catalog().visible_to(caller.visible_tenant)
         if model == AUTO:
-            model, route = await self._auto_route(request.prompt, route)
-        catalog = self._catalog()
+            model, route = await self._auto_route(request.prompt, route, catalog)
         steps = self._steps(model, catalog, requested=request.model)
         if chain is None:
             chain = self._default_chain(model, catalog)
@@ -235,10 +239,10 @@ class Router:
             seen |= {s.served_by for s in more}
         return Plan(request.model, route, tuple(steps))
 
-    async def _auto_route(self, prompt: str, route: str) -> tuple[str, str]:
+    async def _auto_route(self, prompt: str, route: str, catalog: Catalog) -> tuple[str, str]:
         prefix = "" if route == "model" else f"{route},"
         if self._auto is not None:
-            chosen, score = await self._auto.choose(prompt, self._catalog())
+            chosen, score = await self._auto.choose(prompt, catalog)
             if chosen is not None:
                 return chosen, f"{prefix}auto:{chosen};score={score:.2f}"
             default = self.policy.auto.default

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.responses import Response
 
 from adapters import AdapterVersion, Catalog
+from adapters.keys import INFERENCE
+from gateway.auth import OPEN, Principal, requires
 from gateway.deps import Gateway, GatewayDep, gateway_of
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, invalid_request
 from quiver.errors import InvalidRequest, ModelNotFound
 
 router = APIRouter()
+_INFERENCE = (INFERENCE,)
+InferenceCaller = Annotated[Principal, Depends(requires(INFERENCE))]
 _CARDS = TypeAdapter(list[ModelCard])
 
 
@@ -41,19 +45,21 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> tuple[dict[str, Any], Base
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     """OpenAI chat completions, plain or streamed."""
+    gateway = await gateway_of(request)
+    principal = gateway.auth.authenticate(request, _INFERENCE)
     payload, parsed = parse_body(await request.body(), ChatCompletionRequest)
     assert isinstance(parsed, ChatCompletionRequest)
-    proxy = (await gateway_of(request)).proxy
-    return await proxy.generate("/v1/chat/completions", payload, parsed.stream, request.headers)
+    return await gateway.proxy.generate("/v1/chat/completions", payload, parsed.stream, request.headers, principal)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
     """OpenAI text completions, plain or streamed."""
+    gateway = await gateway_of(request)
+    principal = gateway.auth.authenticate(request, _INFERENCE)
     payload, parsed = parse_body(await request.body(), CompletionRequest)
     assert isinstance(parsed, CompletionRequest)
-    proxy = (await gateway_of(request)).proxy
-    return await proxy.generate("/v1/completions", payload, parsed.stream, request.headers)
+    return await gateway.proxy.generate("/v1/completions", payload, parsed.stream, request.headers, principal)
 
 
 def _base_name(gateway: Gateway) -> str:
@@ -81,32 +87,35 @@ def _adapter_cards_json(catalog: Catalog, parent: str) -> bytes:
     return _CARDS.dump_json(cards)[1:-1]  # the list's items, without its brackets
 
 
-def model_cards_json(gateway: Gateway) -> bytes:
+def model_cards_json(gateway: Gateway, principal: Principal = OPEN) -> bytes:
     """The ``/v1/models`` body: the base under each of its names, the RAG collections, then every adapter name,
-    version and alias.
+    version and alias the caller's tenant sees.
 
-    The adapters' part is serialized once per registry snapshot: with thousands of versions, building
-    and serializing every card on each request would cost tens of milliseconds.
+    The adapters' part is serialized once per registry snapshot and tenant: with thousands of versions,
+    building and serializing every card on each request would cost tens of milliseconds.
     """
     parent = _base_name(gateway)
-    adapters = gateway.registry.derived(("model-cards", parent), lambda c: _adapter_cards_json(c, parent))
+    tenant = principal.visible_tenant
+    adapters = gateway.registry.derived(
+        ("model-cards", parent, tenant), lambda c: _adapter_cards_json(c.visible_to(tenant), parent)
+    )
     base = _CARDS.dump_json(_base_cards(gateway))[1:-1]
     return b'{"object":"list","data":[' + b",".join(part for part in (base, adapters) if part) + b"]}"
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(gateway: GatewayDep) -> Response:
-    """Every model string this gateway answers to."""
-    return Response(model_cards_json(gateway), media_type="application/json")
+async def list_models(gateway: GatewayDep, principal: InferenceCaller) -> Response:
+    """Every model string this gateway answers to (for this caller)."""
+    return Response(model_cards_json(gateway, principal), media_type="application/json")
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
-async def get_model(model_id: str, gateway: GatewayDep) -> ModelCard:
+async def get_model(model_id: str, gateway: GatewayDep, principal: InferenceCaller) -> ModelCard:
     """One model string, or 404 ``model_not_found``."""
     for card in _base_cards(gateway):
         if card.id == model_id:
             return card
-    version = gateway.registry.catalog.model_ids().get(model_id)
+    version = gateway.registry.catalog.visible_to(principal.visible_tenant).model_ids().get(model_id)
     if version is None:
         raise ModelNotFound(f"The model `{model_id}` does not exist", param="model")
     return _adapter_card(model_id, version, _base_name(gateway))

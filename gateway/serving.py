@@ -23,6 +23,7 @@ import httpx
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from gateway.auth import OPEN, Principal
 from gateway.metrics import Metrics
 from gateway.pool import Member
 from gateway.router import (
@@ -36,6 +37,7 @@ from gateway.router import (
     Target,
 )
 from gateway.tokens import PromptMeter
+from gateway.usage import UsageMeter
 from quiver.errors import InvalidRequest, QuiverError, Unavailable, UpstreamTimeout
 
 log = logging.getLogger("quiver.serving")
@@ -103,8 +105,8 @@ def fallback_reason(exc: QuiverError) -> str:
     return "upstream_error"
 
 
-def route_request(payload: dict[str, Any], headers: Mapping[str, str]) -> RouteRequest:
-    """What the router needs from a request body and its headers."""
+def route_request(payload: dict[str, Any], headers: Mapping[str, str], principal: Principal = OPEN) -> RouteRequest:
+    """What the router needs from a request body, its headers and its caller."""
     metadata = payload.get("metadata")
     prompt = ""
     messages = payload.get("messages")
@@ -119,6 +121,7 @@ def route_request(payload: dict[str, Any], headers: Mapping[str, str]) -> RouteR
         headers=headers,
         metadata=metadata if isinstance(metadata, dict) else {},
         prompt=prompt,
+        principal=principal,
     )
 
 
@@ -133,30 +136,43 @@ class RagPrompts(Protocol):
 class Proxy:
     """Forwards OpenAI generation requests along their plan."""
 
-    def __init__(self, router: Router, metrics: Metrics, meter: PromptMeter, rag: RagPrompts | None = None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        metrics: Metrics,
+        meter: PromptMeter,
+        rag: RagPrompts | None = None,
+        usage: UsageMeter | None = None,
+    ) -> None:
         self.router = router
         self.metrics = metrics
         self.meter = meter
         self.rag = rag
+        self.usage = usage
 
     async def generate(
-        self, endpoint: str, payload: dict[str, Any], stream: bool, headers: Mapping[str, str] | None = None
+        self,
+        endpoint: str,
+        payload: dict[str, Any],
+        stream: bool,
+        headers: Mapping[str, str] | None = None,
+        principal: Principal = OPEN,
     ) -> Response:
-        """Answer one request; raises a QuiverError when no target could."""
+        """Answer one request for ``principal``; raises a QuiverError when no target could."""
         started = time.perf_counter()
         # Unknown model strings are labelled "unknown" so a client cannot blow up label cardinality.
         model, served = "unknown", "none"
         try:
-            plan = await self.router.plan(route_request(payload, headers or {}))
+            plan = await self.router.plan(route_request(payload, headers or {}, principal))
             model = plan.model
-            response, served = await self._first_answer(plan, endpoint, payload, stream, started)
+            response, served = await self._first_answer(plan, endpoint, payload, stream, started, principal)
             return response
         except QuiverError as exc:
-            self._observe_failure(endpoint, model, served, exc.status_code, started)
+            self._observe_failure(endpoint, model, served, exc.status_code, started, principal)
             raise
 
     async def _first_answer(
-        self, plan: Plan, endpoint: str, payload: dict[str, Any], stream: bool, started: float
+        self, plan: Plan, endpoint: str, payload: dict[str, Any], stream: bool, started: float, principal: Principal
     ) -> tuple[Response, str]:
         reason: str | None = None
         last: QuiverError | None = None
@@ -165,7 +181,7 @@ class Proxy:
                 reason, last = reason or step.reason, step.error
                 continue
             try:
-                response = await self._attempt(step, plan, endpoint, dict(payload), stream, started)
+                response = await self._attempt(step, plan, endpoint, dict(payload), stream, started, principal)
             except _TargetFailed as failed:
                 log.info("%s could not answer %s (%s): %s", step.served_by, plan.model, failed.reason, failed.error)
                 reason, last = reason or failed.reason, failed.error
@@ -178,7 +194,14 @@ class Proxy:
         raise last
 
     async def _attempt(
-        self, target: Target, plan: Plan, endpoint: str, payload: dict[str, Any], stream: bool, started: float
+        self,
+        target: Target,
+        plan: Plan,
+        endpoint: str,
+        payload: dict[str, Any],
+        stream: bool,
+        started: float,
+        principal: Principal,
     ) -> Response:
         context = target.context_tokens
         if not await self.meter.fits(payload, context, frontier=isinstance(target, OnFrontier)):
@@ -213,7 +236,8 @@ class Proxy:
                     await held.aclose()
                 if sources is not None:
                     content = _with_sources(content, sources)
-                self._observe_success(labels, upstream.status_code, started, usage_of(content[-_TAIL_BYTES:]))
+                usage = usage_of(content[-_TAIL_BYTES:])
+                self._observe_success(labels, upstream.status_code, started, usage, principal)
                 return Response(
                     content,
                     status_code=upstream.status_code,
@@ -238,7 +262,7 @@ class Proxy:
             await held.aclose()
             raise
         return _HeldStream(
-            self._relay(first, chunks, labels, started),
+            self._relay(first, chunks, labels, started, principal),
             held,
             status_code=upstream.status_code,
             headers=headers | {"cache-control": "no-cache", "x-accel-buffering": "no"},
@@ -276,7 +300,12 @@ class Proxy:
         member.in_flight -= 1
 
     async def _relay(
-        self, first: bytes, chunks: AsyncIterator[bytes], labels: tuple[str, str, str], started: float
+        self,
+        first: bytes,
+        chunks: AsyncIterator[bytes],
+        labels: tuple[str, str, str],
+        started: float,
+        principal: Principal,
     ) -> AsyncIterator[bytes]:
         tail = first[-_TAIL_BYTES:]
         status = 200
@@ -292,23 +321,36 @@ class Proxy:
             status = exc.status_code
             yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
         finally:
-            self._observe_success(labels, status, started, usage_of(tail))
+            self._observe_success(labels, status, started, usage_of(tail), principal)
 
     def _observe_success(
-        self, labels: tuple[str, str, str], status: int, started: float, usage: dict[str, Any] | None
+        self,
+        labels: tuple[str, str, str],
+        status: int,
+        started: float,
+        usage: dict[str, Any] | None,
+        principal: Principal,
     ) -> None:
         endpoint, model, adapter = labels
         self.metrics.requests.labels(endpoint, model, adapter, str(status)).inc()
         self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+        counts = {"prompt": 0, "completion": 0}
         if usage:
-            for kind in ("prompt", "completion"):
+            for kind in counts:
                 count = usage.get(f"{kind}_tokens")
                 if isinstance(count, int):
+                    counts[kind] = count
                     self.metrics.tokens.labels(model, adapter, kind).inc(count)
+        if self.usage is not None:
+            self.usage.record(principal, adapter, status < 400, counts["prompt"], counts["completion"])
 
-    def _observe_failure(self, endpoint: str, model: str, served: str, status: int, started: float) -> None:
+    def _observe_failure(
+        self, endpoint: str, model: str, served: str, status: int, started: float, principal: Principal
+    ) -> None:
         self.metrics.requests.labels(endpoint, model, served, str(status)).inc()
         self.metrics.latency.labels(endpoint, model, served).observe(time.perf_counter() - started)
+        if self.usage is not None:
+            self.usage.record(principal, served, False, 0, 0)
 
 
 def _source_header(source: dict[str, Any]) -> dict[str, Any]:

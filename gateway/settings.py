@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.policy import RoutingPolicy
@@ -88,6 +88,20 @@ class Settings(BaseSettings):
         description="RAG index: default the embedded SQLite file DATA_DIR/rag.db; a postgresql+psycopg2:// URL "
         "selects PostgreSQL with pgvector, which several gateways can share.",
     )
+
+    admin_key: SecretStr | None = Field(
+        None,
+        description="A key with every scope, for bootstrapping (e.g. from a Kubernetes Secret); keys made with "
+        "`quiver keys create` are stored hashed in the registry instead.",
+    )
+    usage_flush_s: float = Field(1.0, gt=0, description="How often counted usage is written to the registry.")
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("QUIVER_ADMIN_KEY must be at least 16 characters")
+        return value
 
     @field_validator("vllm_url")
     @classmethod

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from quiver import access
 from quiver.errors import InvalidRequest, QuiverError
 
 if TYPE_CHECKING:
@@ -28,6 +29,9 @@ app.add_typer(model_app, name="model")
 app.add_typer(rag_app, name="rag")
 deploy_app = typer.Typer(no_args_is_help=True, help="Versions served by a merged model of their own.")
 app.add_typer(deploy_app, name="deploy")
+app.add_typer(access.keys_app, name="keys")
+app.add_typer(access.tenants_app, name="tenants")
+app.command("usage")(access.usage)
 
 console = Console(width=140) if not Console().is_terminal else Console()
 err = Console(stderr=True)
@@ -121,15 +125,18 @@ def _fail(exc: QuiverError) -> NoReturn:
 def adapters_push(
     directory: Annotated[Path, typer.Argument(exists=True, file_okay=True, help="PEFT adapter directory or archive.")],
     name: Annotated[str, typer.Option(help="Adapter name.")],
+    tenant: Annotated[
+        str | None, typer.Option(help="The tenant a new adapter belongs to; default: shared with every tenant.")
+    ] = None,
 ) -> None:
     """Validate and register a new version of an adapter."""
     registry = _registry()
     try:
         with err.status(f"Validating and storing {directory}"):
             if directory.is_dir():
-                result = registry.push_dir(name, directory)
+                result = registry.push_dir(name, directory, tenant=tenant)
             else:
-                result = registry.push_archive(name, directory)
+                result = registry.push_archive(name, directory, tenant=tenant)
     except QuiverError as exc:
         _fail(exc)
     finally:

@@ -9,6 +9,8 @@ body ``{"error": {"message", "type", "param", "code"}}`` with ``status_code``.
     │   ├── InvalidAdapter     422 invalid_adapter        (not servable by vLLM on this base)
     │   ├── PayloadTooLarge    413 payload_too_large
     │   └── LengthRequired     411 length_required        (an upload without Content-Length)
+    ├── Unauthorized           401 invalid_api_key        (no key, an unknown, revoked or expired one)
+    ├── PermissionDenied       403 permission_denied      (the key lacks the scope the call needs)
     ├── NotFound               404 not_found
     │   └── ModelNotFound      404 model_not_found
     ├── Conflict               409 conflict               (e.g. deleting an aliased version)
@@ -86,6 +88,22 @@ class LengthRequired(InvalidRequest):
 
     status_code = 411
     default_code = "length_required"
+
+
+class Unauthorized(QuiverError):
+    """No usable API key: missing, unknown, revoked or expired."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(QuiverError):
+    """The key is valid but may not do this (a scope it lacks, a shared adapter it may not change)."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    default_code = "permission_denied"
 
 
 class NotFound(QuiverError):

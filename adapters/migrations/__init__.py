@@ -1,0 +1,1 @@
+"""Alembic migrations of the registry's database (``adapters.db.migrate`` runs them)."""

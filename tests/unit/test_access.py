@@ -1,0 +1,295 @@
+"""API keys, tenants, usage and the registry's migrations: in the registry (SQLite and PostgreSQL) and
+through the gateway app (httpx MockTransport upstream)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from fastapi import FastAPI
+from sqlalchemy import create_engine, text
+
+from adapters import Registry, db
+from adapters.keys import ADAPTERS_WRITE, ADMIN, FINE_TUNE, INFERENCE
+from adapters.usage import UsageRow
+from gateway import create_app
+from quiver.errors import InvalidRequest, NotFound, PermissionDenied
+from tests.postgres import postgres_cluster  # noqa: F401 - a fixture, used by name
+from tests.unit.test_gateway_app import RestartingVllm, _settings, tiny_adapter  # noqa: F401 - fixture by name
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    url: str = request.getfixturevalue("postgres_cluster").create_database()
+    return url
+
+
+@pytest.fixture
+def registry(database_url: str, tmp_path: Path) -> Registry:
+    return Registry.open(database_url, tmp_path / "store")
+
+
+# -- migrations ------------------------------------------------------------------------------------
+
+
+def _schema_differences(url: str) -> list[object]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(compare_metadata(MigrationContext.configure(conn), db.metadata))
+    finally:
+        engine.dispose()
+
+
+def test_a_new_database_is_at_the_newest_revision_and_matches_the_tables(database_url: str) -> None:
+    engine = db.open_engine(database_url)
+    assert db.schema_revision(engine) == "0002"
+    engine.dispose()
+    assert _schema_differences(database_url) == []
+
+
+def test_a_database_from_before_migrations_is_upgraded_keeping_its_adapters(
+    database_url: str, tmp_path: Path, tiny_adapter: Path
+) -> None:
+    engine = create_engine(database_url)
+    db.metadata.create_all(engine, tables=[db.metadata.tables[t] for t in db.BASELINE_TABLES])
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE adapters DROP COLUMN tenant"))
+        conn.execute(text("INSERT INTO revision (id, value) VALUES (1, 0)"))
+    engine.dispose()
+    # An adapter pushed by code from before migrations: rows written without the tenant column.
+    with Registry.open(database_url, tmp_path / "store") as reg:
+        reg.push_dir("old", tiny_adapter)
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE api_keys"))
+        conn.execute(text("DROP TABLE tenants"))
+        conn.execute(text("DROP TABLE usage"))
+        conn.execute(text("DROP TABLE alembic_version"))
+        conn.execute(text("ALTER TABLE adapters DROP COLUMN tenant"))
+    engine.dispose()
+
+    with Registry.open(database_url, tmp_path / "store") as reg:
+        assert reg.adapter("old").tenant is None  # kept, and shared
+        assert reg.create_key("acme", [INFERENCE]).key.tenant == "acme"
+    assert _schema_differences(database_url) == []
+
+
+def test_gateways_starting_together_migrate_once(database_url: str) -> None:
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            db.open_engine(database_url).dispose()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert _schema_differences(database_url) == []
+
+
+# -- keys and tenants ------------------------------------------------------------------------------
+
+
+def test_a_key_is_shown_once_stored_hashed_and_verified(registry: Registry) -> None:
+    created = registry.create_key("acme", [ADAPTERS_WRITE, INFERENCE], name="ci", requests_per_min=10)
+    assert created.token.startswith(f"qk_{created.key.id}_")
+    assert created.key.scopes == (INFERENCE, ADAPTERS_WRITE)  # canonical order
+    ring = registry.key_ring()
+    assert ring.verify(created.token) == created.key
+    assert created.token.split("_", 2)[2] not in str(registry.api_keys())  # only its hash is kept
+    assert ring.verify(created.token[:-1] + ("A" if created.token[-1] != "A" else "B")) is None
+    assert ring.verify("sk-not-ours") is None
+    assert ring.tenants["acme"].requests_per_min is None
+
+
+def test_revoked_and_expired_keys_are_no_longer_active(registry: Registry) -> None:
+    revoked = registry.create_key("acme", [INFERENCE]).key
+    registry.revoke_key(revoked.id)
+    soon = registry.create_key("acme", [INFERENCE], expires_at=datetime.now(UTC) + timedelta(seconds=30)).key
+    now = datetime.now(UTC)
+    states = {k.id: k.state(now) for k in registry.api_keys("acme")}
+    assert states == {revoked.id: "revoked", soon.id: "active"}
+    assert registry.key_ring().keys[soon.id].state(now + timedelta(minutes=1)) == "expired"
+    with pytest.raises(NotFound, match="no API key"):
+        registry.revoke_key("0123456789ab")
+
+
+@pytest.mark.parametrize(
+    ("tenant", "scopes", "message"),
+    [
+        ("Acme Corp", [INFERENCE], "invalid tenant"),
+        ("acme", ["superuser"], "unknown scope 'superuser'"),
+        ("acme", [], "at least one scope"),
+    ],
+)
+def test_bad_keys_are_refused_with_the_reason(registry: Registry, tenant: str, scopes: list[str], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        registry.create_key(tenant, scopes)
+    assert registry.api_keys() == []
+
+
+def test_tenant_limits_change_and_unknown_tenants_are_not_found(registry: Registry) -> None:
+    registry.create_key("acme", [INFERENCE])
+    assert registry.set_tenant_limits("acme", tokens_per_min=5000).tokens_per_min == 5000
+    assert registry.set_tenant_limits("acme", requests_per_min=60).tokens_per_min == 5000  # kept
+    with pytest.raises(NotFound, match="tenant 'nobody'"):
+        registry.set_tenant_limits("nobody", requests_per_min=1)
+
+
+def test_pushes_keep_tenants_apart(registry: Registry, tiny_adapter: Path) -> None:
+    assert registry.push_dir("bot", tiny_adapter, tenant="acme").version.number == 1
+    registry.push_dir("shared-bot", tiny_adapter)
+    # Another tenant cannot tell the name is taken, nor add to a shared adapter.
+    with pytest.raises(NotFound, match="adapter 'bot' does not exist"):
+        registry.push_dir("bot", tiny_adapter, tenant="globex")
+    with pytest.raises(PermissionDenied, match="shared"):
+        registry.push_dir("shared-bot", tiny_adapter, tenant="globex")
+    catalog = registry.snapshot()
+    assert sorted(catalog.visible_to("globex").adapters) == ["shared-bot"]
+    assert sorted(catalog.visible_to("acme").adapters) == ["bot", "shared-bot"]
+    assert sorted(catalog.visible_to(None).adapters) == ["bot", "shared-bot"]
+    assert "bot@v1" not in catalog.visible_to("globex").model_ids()
+
+
+def test_usage_adds_up_per_minute_and_filters(registry: Registry) -> None:
+    minute = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+    registry.record_usage([UsageRow(minute, "acme", "k1", "bot@v1", 2, 0, 10, 5)])
+    registry.record_usage(
+        [UsageRow(minute, "acme", "k1", "bot@v1", 1, 1, 3, 0), UsageRow(minute, "globex", "k2", "base", 1, 0, 4, 4)]
+    )
+    rows = registry.usage(tenant="acme")
+    assert rows == [UsageRow(minute, "acme", "k1", "bot@v1", 3, 1, 13, 5)]
+    assert [r.tenant for r in registry.usage(served_by="bot")] == ["acme"]
+    assert [r.tenant for r in registry.usage(key_id="k2")] == ["globex"]
+    assert registry.usage(since=minute + timedelta(minutes=1)) == []
+    assert registry.revision() == 0  # usage is not a registry change
+
+
+# -- through the gateway -----------------------------------------------------------------------------
+
+
+async def _client(app: FastAPI, client_host: str = "127.0.0.1") -> AsyncIterator[httpx.AsyncClient]:
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app, client=(client_host, 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield client
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+async def test_without_keys_the_gateway_is_open_on_loopback_only(tmp_path: Path) -> None:
+    app = create_app(_settings(tmp_path), transport=httpx.MockTransport(RestartingVllm()))
+    async for client in _client(app):
+        assert (await client.post("/v1/chat/completions", json=CHAT | {"model": "m"})).status_code == 200
+    async for client in _client(app, client_host="10.1.2.3"):
+        refused = await client.post("/v1/chat/completions", json=CHAT | {"model": "m"})
+        assert refused.status_code == 401
+        assert "only on loopback" in refused.json()["error"]["message"]
+        assert (await client.get("/health")).status_code == 200  # probes and scrapes stay open
+
+
+async def test_keys_scopes_and_tenants_through_the_api(tmp_path: Path, tiny_adapter: Path) -> None:
+    app = create_app(_settings(tmp_path, usage_flush_s=3600), transport=httpx.MockTransport(RestartingVllm()))
+    async for client in _client(app, client_host="10.1.2.3"):
+        gateway = app.state.gateway
+        reg = gateway.registry.registry
+        acme = reg.create_key("acme", [INFERENCE, ADAPTERS_WRITE]).token
+        globex = reg.create_key("globex", [INFERENCE]).token
+        admin = reg.create_key("ops", [ADMIN]).token
+        gone = reg.create_key("acme", [INFERENCE])
+        reg.revoke_key(gone.key.id)
+        reg.push_dir("acme-bot", tiny_adapter, tenant="acme")
+        reg.push_dir("shared-bot", tiny_adapter)
+        await gateway.registry.refresh()
+
+        for headers, code in (({}, "invalid_api_key"), (_auth("qk_nope"), "invalid_api_key")):
+            answer = await client.post("/v1/chat/completions", json=CHAT | {"model": "m"}, headers=headers)
+            assert (answer.status_code, answer.json()["error"]["code"]) == (401, code)
+        revoked = await client.post("/v1/chat/completions", json=CHAT | {"model": "m"}, headers=_auth(gone.token))
+        assert (revoked.status_code, revoked.json()["error"]["code"]) == (401, "revoked_api_key")
+
+        # Another tenant's adapter does not exist for globex: 404 everywhere, never 403.
+        models = await client.get("/v1/models", headers=_auth(globex))
+        ids = {m["id"] for m in models.json()["data"]}
+        assert "shared-bot" in ids and not any(i.startswith("acme-bot") for i in ids)
+        chat = await client.post("/v1/chat/completions", json=CHAT | {"model": "acme-bot"}, headers=_auth(globex))
+        assert (chat.status_code, chat.json()["error"]["code"]) == (404, "model_not_found")
+        assert (await client.get("/v1/adapters/acme-bot", headers=_auth(globex))).status_code == 404
+        assert (await client.get("/v1/models/acme-bot@v1", headers=_auth(globex))).status_code == 404
+        listed = await client.get("/v1/adapters", headers=_auth(globex))
+        assert [a["name"] for a in listed.json()["data"]] == ["shared-bot"]
+
+        # acme uses its own and the shared one; it may not change the shared one; globex may not write at all.
+        for model in ("acme-bot", "shared-bot@v1"):
+            served = await client.post("/v1/chat/completions", json=CHAT | {"model": model}, headers=_auth(acme))
+            assert served.status_code == 200, served.text
+        alias = {"version": 1, "force": True}
+        moved = await client.put("/v1/adapters/acme-bot/aliases/prod", json=alias, headers=_auth(acme))
+        assert moved.status_code == 200 and moved.json()["tenant"] == "acme"
+        shared = await client.put("/v1/adapters/shared-bot/aliases/prod", json=alias, headers=_auth(acme))
+        assert (shared.status_code, shared.json()["error"]["code"]) == (403, "permission_denied")
+        other = await client.put("/v1/adapters/acme-bot/aliases/prod", json=alias, headers=_auth(globex))
+        assert other.status_code == 403  # globex has no adapters:write at all
+        jobs = await client.get("/v1/fine_tuning/jobs", headers=_auth(acme))
+        assert jobs.status_code == 403 and FINE_TUNE in jobs.json()["error"]["message"]
+
+        # An admin key sees every tenant's adapters.
+        everything = await client.get("/v1/adapters", headers=_auth(admin))
+        assert sorted(a["name"] for a in everything.json()["data"]) == ["acme-bot", "shared-bot"]
+
+        # Usage: recorded per key and target; a tenant sees only its own.
+        mine = (await client.get("/v1/usage", headers=_auth(acme))).json()["data"]
+        assert {(r["tenant"], r["served_by"], r["requests"]) for r in mine} == {
+            ("acme", "acme-bot@v1", 1),
+            ("acme", "shared-bot@v1", 1),
+        }
+        assert sum(r["prompt_tokens"] for r in mine) == 4  # 2 per answer, from the upstream's usage
+        assert (await client.get("/v1/usage?tenant=acme", headers=_auth(globex))).status_code == 404
+        assert {r["tenant"] for r in (await client.get("/v1/usage", headers=_auth(admin))).json()["data"]} == {
+            "acme",
+            "globex",
+        }
+
+        # Revocation takes effect with the next registry refresh.
+        acme_id = next(k.id for k in reg.api_keys("acme") if k.state(datetime.now(UTC)) == "active")
+        reg.revoke_key(acme_id)
+        await gateway.registry.refresh()
+        after = await client.post("/v1/chat/completions", json=CHAT | {"model": "m"}, headers=_auth(acme))
+        assert after.status_code == 401
+
+
+async def test_the_admin_key_from_settings_and_the_openai_client(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, admin_key="a-long-bootstrap-secret")
+    app = create_app(settings, transport=httpx.MockTransport(RestartingVllm()))
+    async for client in _client(app, client_host="10.1.2.3"):
+        ok = await client.post(
+            "/v1/chat/completions", json=CHAT | {"model": "m"}, headers=_auth("a-long-bootstrap-secret")
+        )
+        assert ok.status_code == 200
+        sdk = openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="wrong", http_client=client, max_retries=0)
+        with pytest.raises(openai.AuthenticationError, match="invalid API key"):
+            await sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_short_admin_key_is_refused_at_start_up(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        _settings(tmp_path, admin_key="short")
