@@ -23,6 +23,7 @@ from gateway.deployments import MergedDeployments
 from gateway.deps import Gateway
 from gateway.frontier import Frontier
 from gateway.health import ReplicaMonitor
+from gateway.hints import ResidencyHints
 from gateway.metrics import Metrics
 from gateway.pool import Member, ReplicaPool
 from gateway.protocol import invalid_request
@@ -90,6 +91,7 @@ def open_registry(settings: Settings, base: BaseModelSpec | None) -> Registry:
 async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None) -> Gateway:
     metrics = Metrics()
     policy = settings.routing
+    hints = ResidencyHints.from_url(settings.redis_url) if settings.redis_url else None
     members = []
     for i, url in enumerate(settings.vllm_urls):
         replica = _replica(settings, url, f"r{i}", transport)
@@ -99,6 +101,7 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None)
             metrics,
             load_wait_s=settings.adapter_load_timeout_s,
             slot_wait_s=settings.adapter_slot_wait_s,
+            hints=hints,
         )
         member = Member(replica, residency, ReplicaMonitor(replica, residency, metrics))
         # Read when scraped: nothing to update on the request path.
@@ -140,7 +143,7 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None)
             "no API keys configured: the gateway is open, to clients on loopback only; create a key with "
             "`quiver keys create --tenant NAME --scope inference` (or set QUIVER_ADMIN_KEY) to serve others"
         )
-    return Gateway(settings, metrics, pool, view, router, proxy, frontiers, rag, merged, auth, usage)
+    return Gateway(settings, metrics, pool, view, router, proxy, frontiers, rag, merged, auth, usage, hints)
 
 
 def _replica(settings: Settings, url: str, name: str, transport: httpx.AsyncBaseTransport | None) -> VllmReplica:
@@ -174,6 +177,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
                 asyncio.create_task(gateway.merged.watch(settings.health_interval_s), name="merged-monitor"),
                 asyncio.create_task(gateway.usage.watch(settings.usage_flush_s), name="usage-flush"),
             ]
+            if gateway.hints is not None:
+                tasks.append(asyncio.create_task(gateway.hints.watch(settings.health_interval_s), name="hints"))
             yield
         finally:
             for task in tasks:
@@ -184,6 +189,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             await app.state.fine_tuning.stop()
             await gateway.pool.aclose()
             await gateway.merged.aclose()
+            if gateway.hints is not None:
+                await gateway.hints.aclose()
             await anyio.to_thread.run_sync(gateway.rag.rag.close)
             for frontier in gateway.frontiers.values():
                 await frontier.aclose()

@@ -11,6 +11,7 @@ from gateway.auth import Authenticator
 from gateway.deployments import MergedDeployments
 from gateway.frontier import Frontier
 from gateway.health import ReplicaMonitor
+from gateway.hints import ResidencyHints
 from gateway.metrics import Metrics
 from gateway.pool import ReplicaPool
 from gateway.rag.target import RagTarget
@@ -38,6 +39,7 @@ class Gateway:
     merged: MergedDeployments
     auth: Authenticator
     usage: UsageMeter
+    hints: ResidencyHints | None = None
 
     # The first replica's parts: the only ones in the embedded default.
     @property

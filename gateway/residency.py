@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from adapters import AdapterVersion
+from gateway.hints import ResidencyHints
 from gateway.metrics import Metrics
 from gateway.upstream import VllmReplica
 from quiver.errors import QuiverError, Unavailable
@@ -30,6 +31,7 @@ class Resident:
     loaded_at: float
     in_flight: int = 0
     generation: int = 0
+    used_at: float = 0.0  # Unix time of the last lease, comparable with other gateways' residency hints
 
 
 @dataclass
@@ -42,6 +44,8 @@ class Residency:
     load_wait_s: float = 60.0
     # How long a load waits for a slot to free up when every slot serves requests; then 503.
     slot_wait_s: float = 30.0
+    # Several gateways in front of the same replicas: the LRU orders by the last use any of them saw.
+    hints: ResidencyHints | None = None
     _resident: OrderedDict[str, Resident] = field(default_factory=OrderedDict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _reserved: int = 0
@@ -72,7 +76,10 @@ class Residency:
         # No await between the check above and this increment, so eviction cannot slip in.
         resident = self._resident[name]
         resident.in_flight += 1
+        resident.used_at = time.time()
         self._resident.move_to_end(name)
+        if self.hints is not None:
+            self.hints.touch(self.replica.url, name)
         try:
             yield resident
         finally:
@@ -137,7 +144,9 @@ class Residency:
         deadline = time.monotonic() + self.slot_wait_s
         async with self._slots:
             while len(self._resident) + self._reserved >= self.capacity:
-                victim = next((n for n, r in self._resident.items() if r.in_flight == 0), None)
+                victim = await self._victim([n for n, r in self._resident.items() if r.in_flight == 0])
+                if victim is not None and (victim not in self._resident or self._resident[victim].in_flight):
+                    continue  # leased (or dropped) while the hints were asked: choose again
                 if victim is None:
                     # Every slot serves requests: wait for one to finish rather than turn this one away at once.
                     self._released.clear()
@@ -157,6 +166,13 @@ class Residency:
                 log.info("unloading %s to make room for %s", victim, name)
                 await self.replica.unload_adapter(victim)
             self._reserved += 1
+
+    async def _victim(self, idle: list[str]) -> str | None:
+        """The idle version to unload: least recently used here, or by any gateway when there are hints."""
+        if self.hints is None or len(idle) < 2:
+            return idle[0] if idle else None
+        shared = await self.hints.last_use(self.replica.url, idle)
+        return min(idle, key=lambda n: max(self._resident[n].used_at, shared.get(n, 0.0)))
 
     def reconcile(self, present: set[str], polled_since: float) -> None:
         """Forget versions the replica no longer lists (it restarted), unless loaded after the poll began."""

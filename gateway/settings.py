@@ -94,6 +94,11 @@ class Settings(BaseSettings):
         description="A key with every scope, for bootstrapping (e.g. from a Kubernetes Secret); keys made with "
         "`quiver keys create` are stored hashed in the registry instead.",
     )
+    redis_url: str | None = Field(
+        None,
+        description="redis://HOST:PORT/DB shared by several gateways: rate limits that hold across all of them, "
+        "and residency hints (which adapters any gateway used last on each replica). Unset: in-process.",
+    )
     usage_flush_s: float = Field(1.0, gt=0, description="How often counted usage is written to the registry.")
 
     @field_validator("admin_key")

@@ -293,3 +293,23 @@ async def test_the_admin_key_from_settings_and_the_openai_client(tmp_path: Path)
 def test_a_short_admin_key_is_refused_at_start_up(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 16 characters"):
         _settings(tmp_path, admin_key="short")
+
+
+async def test_routing_rules_match_the_callers_tenant_and_key(tmp_path: Path, tiny_adapter: Path) -> None:
+    reg = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "adapters")
+    acme = reg.create_key("acme", [INFERENCE])
+    globex = reg.create_key("globex", [INFERENCE])
+    reg.push_dir("acme-bot", tiny_adapter, tenant="acme")
+    reg.close()
+    rules = tmp_path / "routing.toml"
+    rules.write_text(
+        '[[rules]]\nname = "acme-default"\nmatch = { tenant = "acme", model = "m" }\nmodel = "acme-bot"\n'
+        f'[[rules]]\nname = "one-key"\nmatch = {{ key = "{globex.key.id}" }}\nmodel = "base"\n'
+    )
+    app = create_app(_settings(tmp_path, routing_file=rules), transport=httpx.MockTransport(RestartingVllm()))
+    async for client in _client(app):
+        answer = await client.post("/v1/chat/completions", json=CHAT | {"model": "m"}, headers=_auth(acme.token))
+        assert answer.headers["x-quiver-route"] == "rule:acme-default"
+        assert answer.headers["x-quiver-served-by"] == "acme-bot@v1"
+        answer = await client.post("/v1/chat/completions", json=CHAT | {"model": "m"}, headers=_auth(globex.token))
+        assert answer.headers["x-quiver-route"] == "rule:one-key"
