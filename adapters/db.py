@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +231,8 @@ def open_engine(url: str) -> Engine:
     engine = sql_engine(url)
     migrate(engine)
     try:
-        with engine.begin() as conn:
+        # A writer from the start: upgrading a read transaction to a write one can fail at once on SQLite.
+        with engine.execution_options(**{WRITE: True}).begin() as conn:
             if conn.scalar(select(revision.c.value).where(revision.c.id == 1)) is None:
                 conn.execute(insert(revision).values(id=1, value=0))
     except IntegrityError:
@@ -281,6 +284,20 @@ def migrate(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
+def _wal(cursor: Any) -> None:
+    """Switch the database to WAL (it stays so); the switch ignores busy_timeout, so wait out a racing opener."""
+    for attempt in range(100):
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError:
+            if attempt == 99:
+                raise
+            time.sleep(0.05)
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
@@ -290,7 +307,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.execute("PRAGMA busy_timeout = 30000")
         if engine.url.database not in (None, "", ":memory:"):
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _wal(cursor)
         cursor.close()
 
     @event.listens_for(engine, "begin")

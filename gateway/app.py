@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -24,6 +25,7 @@ from gateway.deps import Gateway
 from gateway.frontier import Frontier
 from gateway.health import ReplicaMonitor
 from gateway.hints import ResidencyHints
+from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
 from gateway.pool import Member, ReplicaPool
 from gateway.protocol import invalid_request
@@ -45,9 +47,9 @@ log = logging.getLogger("quiver.gateway")
 
 def error_response(exc: QuiverError) -> JSONResponse:
     """The one place a QuiverError becomes an HTTP answer."""
-    headers = {}
+    headers = dict(exc.headers)
     if exc.retry_after is not None:
-        headers["retry-after"] = str(max(1, round(exc.retry_after)))
+        headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
 
@@ -143,7 +145,8 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None)
             "no API keys configured: the gateway is open, to clients on loopback only; create a key with "
             "`quiver keys create --tenant NAME --scope inference` (or set QUIVER_ADMIN_KEY) to serve others"
         )
-    return Gateway(settings, metrics, pool, view, router, proxy, frontiers, rag, merged, auth, usage, hints)
+    limiter = RateLimiter.create(settings.redis_url, meter, metrics)
+    return Gateway(settings, metrics, pool, view, router, proxy, frontiers, rag, merged, auth, usage, limiter, hints)
 
 
 def _replica(settings: Settings, url: str, name: str, transport: httpx.AsyncBaseTransport | None) -> VllmReplica:
@@ -191,6 +194,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             await gateway.merged.aclose()
             if gateway.hints is not None:
                 await gateway.hints.aclose()
+            await gateway.limiter.aclose()
             await anyio.to_thread.run_sync(gateway.rag.rag.close)
             for frontier in gateway.frontiers.values():
                 await frontier.aclose()

@@ -12,6 +12,7 @@ from gateway.deployments import MergedDeployments
 from gateway.frontier import Frontier
 from gateway.health import ReplicaMonitor
 from gateway.hints import ResidencyHints
+from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
 from gateway.pool import ReplicaPool
 from gateway.rag.target import RagTarget
@@ -39,6 +40,7 @@ class Gateway:
     merged: MergedDeployments
     auth: Authenticator
     usage: UsageMeter
+    limiter: RateLimiter
     hints: ResidencyHints | None = None
 
     # The first replica's parts: the only ones in the embedded default.

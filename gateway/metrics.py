@@ -84,6 +84,12 @@ class Metrics:
             ["reason", "target"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "quiver_rate_limited",
+            "Requests refused with 429, by tenant and the limit that was full.",
+            ["tenant", "limit"],
+            registry=r,
+        )
         self.replica_in_flight = Gauge(
             "quiver_replica_in_flight",
             "Requests the gateway has in flight on each vLLM replica.",

@@ -49,7 +49,7 @@ async def chat_completions(request: Request) -> Response:
     principal = gateway.auth.authenticate(request, _INFERENCE)
     payload, parsed = parse_body(await request.body(), ChatCompletionRequest)
     assert isinstance(parsed, ChatCompletionRequest)
-    return await gateway.proxy.generate("/v1/chat/completions", payload, parsed.stream, request.headers, principal)
+    return await _generate(gateway, principal, request, "/v1/chat/completions", payload, parsed.stream)
 
 
 @router.post("/v1/completions")
@@ -59,7 +59,18 @@ async def completions(request: Request) -> Response:
     principal = gateway.auth.authenticate(request, _INFERENCE)
     payload, parsed = parse_body(await request.body(), CompletionRequest)
     assert isinstance(parsed, CompletionRequest)
-    return await gateway.proxy.generate("/v1/completions", payload, parsed.stream, request.headers, principal)
+    return await _generate(gateway, principal, request, "/v1/completions", payload, parsed.stream)
+
+
+async def _generate(
+    gateway: Gateway, principal: Principal, request: Request, endpoint: str, payload: dict[str, Any], stream: bool
+) -> Response:
+    """Admit the request against its key's and tenant's limits, then answer it with their headers."""
+    frontier = gateway.router.policy.frontier_for_model(str(payload["model"])) is not None
+    limits = await gateway.limiter.admit(principal, payload, frontier=frontier)
+    response = await gateway.proxy.generate(endpoint, payload, stream, request.headers, principal)
+    response.headers.update(limits)
+    return response
 
 
 def _base_name(gateway: Gateway) -> str:

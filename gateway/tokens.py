@@ -68,6 +68,13 @@ class PromptMeter:
         tokens = await anyio.to_thread.run_sync(count, payload)
         return tokens is None or tokens <= room
 
+    async def count(self, payload: dict[str, Any], *, frontier: bool) -> int:
+        """The prompt's tokens: tiktoken for frontier models, else the base model's tokenizer (the byte bound
+        when its directory is unknown)."""
+        count = self._count_frontier if frontier else self._count_base
+        tokens = await anyio.to_thread.run_sync(count, payload)
+        return tokens if tokens is not None else self.bound(payload)
+
     @cached_property
     def _tokenizer(self) -> Any:
         if self._base_model_dir is None:

@@ -14,12 +14,16 @@ body ``{"error": {"message", "type", "param", "code"}}`` with ``status_code``.
     ├── NotFound               404 not_found
     │   └── ModelNotFound      404 model_not_found
     ├── Conflict               409 conflict               (e.g. deleting an aliased version)
+    ├── RateLimited            429 rate_limit_exceeded + Retry-After (a key's or tenant's per-minute limit)
     ├── Unavailable            503 + Retry-After          (starting, loading, busy)
     └── UpstreamError          502 upstream_error         (vLLM answered badly or dropped us)
         └── UpstreamTimeout    504 upstream_timeout
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
 
 
 class QuiverError(Exception):
@@ -28,6 +32,7 @@ class QuiverError(Exception):
     status_code: int = 500
     error_type: str = "internal_error"
     default_code: str = "internal_error"
+    headers: Mapping[str, str] = MappingProxyType({})  # sent with the error body (rate-limit state)
 
     def __init__(
         self,
@@ -126,6 +131,18 @@ class Conflict(QuiverError):
     status_code = 409
     error_type = "invalid_request_error"
     default_code = "conflict"
+
+
+class RateLimited(QuiverError):
+    """A key or its tenant used its requests or tokens for this minute; ``headers`` say which and until when."""
+
+    status_code = 429
+    error_type = "requests"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, headers: Mapping[str, str]) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.headers = dict(headers)
 
 
 class Unavailable(QuiverError):

@@ -1,0 +1,114 @@
+"""Two gateway processes in front of one vLLM, sharing one PostgreSQL (registry, keys) and one Redis (limits,
+residency hints): what one is told, the other serves; a limit holds across both."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adapters import Registry
+from adapters.keys import ADAPTERS_WRITE, INFERENCE
+from quiver.vllm_server import VllmServer, free_port
+from tests.integration.openai_helpers import QUESTION, tar_gz
+from tests.postgres import PostgresCluster, postgres_cluster  # noqa: F401 - a fixture, used by name
+from tests.redis import RedisServer, redis_server  # noqa: F401 - a fixture, used by name
+from tests.servers import healthy, wait_until
+
+
+@contextmanager
+def gateway_process(env: dict[str, str], vllm: VllmServer, log_path: Path) -> Iterator[str]:
+    """``quiver up`` in front of an already running vLLM: a gateway process of its own; yields its URL."""
+    port = free_port()
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "quiver.cli", "up", "--vllm-url", vllm.url, "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until(lambda: process.poll() is None and healthy(url), timeout_s=180, what=f"a gateway ({log_path})")
+            yield url
+        finally:
+            process.terminate()
+            process.wait(60)
+
+
+def chat(url: str, token: str, model: str) -> httpx.Response:
+    body = {"model": model, "messages": QUESTION, "max_tokens": 1, "temperature": 0}
+    return httpx.post(
+        f"{url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {token}"}, timeout=120
+    )
+
+
+@pytest.fixture
+def two_gateways(
+    vllm: VllmServer,
+    base_model_dir: Path,
+    postgres_cluster: PostgresCluster,  # noqa: F811 - the fixture imported above
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+) -> Iterator[tuple[list[str], str]]:
+    database_url = postgres_cluster.create_database()
+    store = tmp_path / "store"  # one store, as on a shared volume: vLLM loads adapters by path
+    common = {
+        "QUIVER_DATABASE_URL": database_url,
+        "QUIVER_REDIS_URL": redis_server.url,
+        "QUIVER_STORE_DIR": str(store),
+        "QUIVER_BASE_MODEL_PATH": str(base_model_dir),
+        "QUIVER_FINE_TUNING_WORKERS": "0",
+        "QUIVER_MAX_LORAS": "2",
+    }
+    with ExitStack() as stack:
+        urls = [
+            stack.enter_context(
+                gateway_process(
+                    dict(os.environ, **common, QUIVER_DATA_DIR=str(tmp_path / f"g{i}")), vllm, tmp_path / f"g{i}.log"
+                )
+            )
+            for i in range(2)
+        ]
+        yield urls, database_url
+
+
+def test_an_adapter_pushed_on_one_gateway_is_served_by_the_other_and_limits_hold_across_both(
+    two_gateways: tuple[list[str], str], lora_dirs: tuple[Path, ...], tmp_path: Path
+) -> None:
+    (first, second), database_url = two_gateways
+    # Keys made after the gateways started: both must pick them up from the shared registry.
+    with Registry.open(database_url, tmp_path / "store") as registry:
+        writer = registry.create_key("acme", [INFERENCE, ADAPTERS_WRITE]).token
+        limited = registry.create_key("acme", [INFERENCE], requests_per_min=4).token
+        other = registry.create_key("globex", [INFERENCE]).token
+    auth = {"authorization": f"Bearer {writer}"}
+    wait_until(lambda: httpx.get(f"{second}/v1/models", headers=auth).status_code == 200, 30, "the key on gateway 2")
+
+    pushed = httpx.post(
+        f"{first}/v1/adapters",
+        data={"name": "shared-bot"},
+        files={"file": ("a.tar.gz", tar_gz(lora_dirs[0]), "application/gzip")},
+        headers=auth,
+        timeout=120,
+    )
+    assert pushed.status_code == 201, pushed.text
+    wait_until(lambda: chat(second, writer, "shared-bot").status_code == 200, 30, "gateway 2 to serve the push")
+    assert chat(second, writer, "shared-bot").headers["x-quiver-served-by"] == "shared-bot@v1"
+    # It is acme's: globex does not see it on either gateway.
+    assert chat(first, other, "shared-bot").status_code == 404
+    assert chat(second, other, "shared-bot").status_code == 404
+
+    # 4 requests a minute for this key, whichever gateway they reach.
+    statuses = [chat(url, limited, "base").status_code for url in (first, second, first, second, first, second)]
+    assert statuses[:4] == [200] * 4, statuses
+    assert statuses[4:] == [429, 429], statuses
+    refused = chat(second, limited, "base")
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"

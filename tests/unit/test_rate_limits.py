@@ -1,0 +1,102 @@
+"""Per-minute request and token limits per key and tenant: 429s the OpenAI client understands, in-process
+and shared through a real Redis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from adapters.keys import INFERENCE
+from gateway import create_app
+from gateway.auth import Limits, Principal
+from gateway.limits import RateLimiter, reset_text
+from gateway.metrics import Metrics
+from gateway.tokens import PromptMeter
+from quiver.errors import RateLimited
+from tests.redis import RedisServer, redis_server  # noqa: F401 - a fixture, used by name
+from tests.unit.test_access import CHAT, _auth, _client
+from tests.unit.test_gateway_app import RestartingVllm, _settings
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0.25, "250ms"), (1.0, "1s"), (59.2, "1m0s"), (361, "6m1s")])
+def test_resets_are_written_as_openai_writes_them(seconds: float, text: str) -> None:
+    assert reset_text(seconds) == text
+
+
+async def test_a_key_over_its_requests_per_minute_gets_429_with_the_headers_the_client_reads(tmp_path: Path) -> None:
+    app = create_app(_settings(tmp_path), transport=httpx.MockTransport(RestartingVllm()))
+    async for client in _client(app):
+        reg = app.state.gateway.registry.registry
+        token = reg.create_key("acme", [INFERENCE], requests_per_min=2).token
+        await app.state.gateway.registry.refresh()
+        body = CHAT | {"model": "m"}
+        answers = [await client.post("/v1/chat/completions", json=body, headers=_auth(token)) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 429]
+        assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["1", "0", "0"]
+        assert answers[0].headers["x-ratelimit-limit-requests"] == "2"
+        assert answers[0].headers["x-ratelimit-reset-requests"].endswith("s")
+        refused = answers[2]
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        assert 0 < int(refused.headers["retry-after-ms"]) <= 60_000
+        metric = app.state.gateway.metrics.registry.get_sample_value(
+            "quiver_rate_limited_total", {"tenant": "acme", "limit": "key_requests"}
+        )
+        assert metric == 1
+
+        sdk = openai.AsyncOpenAI(base_url="http://gateway/v1", api_key=token, http_client=client, max_retries=0)
+        with pytest.raises(openai.RateLimitError, match="rate limit reached"):
+            await sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+
+
+async def test_a_tenants_token_limit_is_shared_by_its_keys_and_refusals_cost_nothing(tmp_path: Path) -> None:
+    app = create_app(_settings(tmp_path), transport=httpx.MockTransport(RestartingVllm()))
+    async for client in _client(app):
+        reg = app.state.gateway.registry.registry
+        first = reg.create_key("acme", [INFERENCE], requests_per_min=10).token
+        second = reg.create_key("acme", [INFERENCE]).token
+        reg.set_tenant_limits("acme", tokens_per_min=300)
+        await app.state.gateway.registry.refresh()
+        body = CHAT | {"model": "m", "max_tokens": 100}  # prompt bound 66 (no tokenizer here) + 100 = 166 tokens
+        ok = await client.post("/v1/chat/completions", json=body, headers=_auth(first))
+        assert ok.status_code == 200 and ok.headers["x-ratelimit-remaining-tokens"] == "134"
+        refused = await client.post("/v1/chat/completions", json=body, headers=_auth(second))
+        assert refused.status_code == 429 and "tenant tokens 300 per minute" in refused.json()["error"]["message"]
+        refused = await client.post("/v1/chat/completions", json=body, headers=_auth(first))
+        assert refused.status_code == 429
+        # The refusals took nothing: the key's requests budget still has 9 of 10.
+        small = await client.post(
+            "/v1/chat/completions", json=CHAT | {"model": "m", "max_tokens": 1}, headers=_auth(first)
+        )
+        assert small.status_code == 200 and small.headers["x-ratelimit-remaining-requests"] == "8"
+        huge = await client.post(
+            "/v1/chat/completions", json=CHAT | {"model": "m", "max_tokens": 1000}, headers=_auth(first)
+        )
+        assert huge.status_code == 429 and "needs 1066 tokens" in huge.json()["error"]["message"]
+
+
+async def test_two_gateways_share_a_limit_through_redis(redis_server: RedisServer) -> None:  # noqa: F811
+    principal = Principal("k1", "acme", frozenset({INFERENCE}), key_limits=Limits(requests_per_min=3))
+    gateways = [RateLimiter.create(redis_server.url, PromptMeter(None), Metrics()) for _ in range(2)]
+    payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    admitted = []
+    for i in range(3):
+        admitted.append(await gateways[i % 2].admit(principal, payload, frontier=False))
+    assert [h["x-ratelimit-remaining-requests"] for h in admitted] == ["2", "1", "0"]
+    for limiter in gateways:
+        with pytest.raises(RateLimited, match="key requests 3 per minute"):
+            await limiter.admit(principal, payload, frontier=False)
+    # Another key of the same tenant is not affected: limits are per key here.
+    other = Principal("k2", "acme", frozenset({INFERENCE}), key_limits=Limits(requests_per_min=3))
+    assert (await gateways[0].admit(other, payload, frontier=False))["x-ratelimit-remaining-requests"] == "2"
+    for limiter in gateways:
+        await limiter.aclose()
+
+
+async def test_no_limits_cost_nothing_and_send_no_headers() -> None:
+    principal = Principal("k", "acme", frozenset({INFERENCE}))
+    limiter = RateLimiter.create(None, PromptMeter(None), Metrics())
+    assert await limiter.admit(principal, {"model": "m", "messages": []}, frontier=False) == {}
