@@ -27,6 +27,7 @@ from gateway.health import ReplicaMonitor
 from gateway.hints import ResidencyHints
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
+from gateway.observability import RequestContext, Tracing
 from gateway.pool import Member, ReplicaPool
 from gateway.protocol import invalid_request
 from gateway.rag import RagPath, index_url, open_index
@@ -90,13 +91,13 @@ def open_registry(settings: Settings, base: BaseModelSpec | None) -> Registry:
     )
 
 
-async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None) -> Gateway:
+async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None, tracing: Tracing) -> Gateway:
     metrics = Metrics()
     policy = settings.routing
     hints = ResidencyHints.from_url(settings.redis_url) if settings.redis_url else None
     members = []
     for i, url in enumerate(settings.vllm_urls):
-        replica = _replica(settings, url, f"r{i}", transport)
+        replica = _replica(settings, url, f"r{i}", transport, tracing)
         residency = Residency(
             replica,
             settings.max_loras,
@@ -119,13 +120,17 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None)
     registry = await anyio.to_thread.run_sync(open_registry, settings, base)
     view = await anyio.to_thread.run_sync(RegistryView, registry)
     frontiers = {name: Frontier(config, transport=transport) for name, config in policy.frontiers.items()}
+    for frontier in frontiers.values():
+        frontier.tracing = tracing
     meter = PromptMeter(base_model_dir(settings, pool.first.replica))
     embedder = Embedder(lazy=True)  # one model for the auto router and the RAG path, loaded on first use
     rag = RagTarget(
         await anyio.to_thread.run_sync(lambda: RagPath(open_index(index_url(settings)), embedder, meter.count_text))
     )
     await rag.refresh()
-    merged = MergedDeployments(lambda: view.catalog, metrics, lambda url: _replica(settings, url, "merged", transport))
+    merged = MergedDeployments(
+        lambda: view.catalog, metrics, lambda url: _replica(settings, url, "merged", transport, tracing)
+    )
     router = Router(
         pool,
         lambda: view.catalog,
@@ -149,8 +154,10 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None)
     return Gateway(settings, metrics, pool, view, router, proxy, frontiers, rag, merged, auth, usage, limiter, hints)
 
 
-def _replica(settings: Settings, url: str, name: str, transport: httpx.AsyncBaseTransport | None) -> VllmReplica:
-    return VllmReplica(
+def _replica(
+    settings: Settings, url: str, name: str, transport: httpx.AsyncBaseTransport | None, tracing: Tracing
+) -> VllmReplica:
+    replica = VllmReplica(
         url,
         name=name,
         connect_timeout_s=settings.connect_timeout_s,
@@ -159,14 +166,19 @@ def _replica(settings: Settings, url: str, name: str, transport: httpx.AsyncBase
         unreachable_after_s=settings.unreachable_after_s,
         transport=transport,
     )
+    replica.tracing = tracing
+    return replica
 
 
-def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
-    """Build the gateway app; ``transport`` lets unit tests put an httpx MockTransport upstream."""
+def create_app(
+    settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None, tracing: Tracing | None = None
+) -> FastAPI:
+    """Build the gateway app; tests may put an httpx MockTransport upstream and their own ``tracing``."""
+    tracing = tracing or Tracing.to_collector(settings.otel_endpoint)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway = await _build(settings, transport)
+        gateway = await _build(settings, transport, tracing)
         app.state.gateway = gateway
         app.state.fine_tuning = await fine_tuning.FineTuning.start(settings, base_model_dir(settings, gateway.replica))
         tasks: list[asyncio.Task[None]] = []
@@ -201,6 +213,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             await anyio.to_thread.run_sync(gateway.registry.registry.close)
 
     app = FastAPI(title="Quiver", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(RequestContext, tracing=tracing)
     app.include_router(routes.router)
     app.include_router(admin.router)
     app.include_router(files.router)

@@ -8,6 +8,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+def target_kind(served_by: str) -> str:
+    """What kind of target a ``served_by`` names: ``merged:x@v1``, ``rag:c``, ``frontier:n``, ``x@v1``, the base."""
+    if served_by == "none":
+        return "none"
+    prefix, sep, _ = served_by.partition(":")
+    if sep and prefix in ("merged", "rag", "frontier"):
+        return prefix
+    return "adapter" if "@v" in served_by else "base"
+
+
 class Metrics:
     """Request, latency, token and adapter-residency metrics, labelled by model and adapter.
 
@@ -84,6 +94,25 @@ class Metrics:
             ["reason", "target"],
             registry=r,
         )
+        # Per tenant and kind of target, apart from the per-model series: tenants x models would multiply labels.
+        self.tenant_requests = Counter(
+            "quiver_tenant_requests",
+            "Requests answered, by tenant, kind of target (base, adapter, merged, rag, frontier, none) and status.",
+            ["tenant", "target", "status"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "quiver_tenant_tokens",
+            "Tokens processed, by tenant, kind of target and kind (prompt or completion).",
+            ["tenant", "target", "kind"],
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "quiver_gateway_overhead_seconds",
+            "The gateway's own time per request before it is sent upstream: parsing, routing, planning.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+            registry=r,
+        )
         self.rate_limited = Counter(
             "quiver_rate_limited",
             "Requests refused with 429, by tenant and the limit that was full.",
@@ -96,6 +125,15 @@ class Metrics:
             ["replica"],
             registry=r,
         )
+
+    def observe_tenant(self, tenant: str, served_by: str, status: int, prompt: int = 0, completion: int = 0) -> None:
+        """One answered request in the per-tenant series."""
+        target = target_kind(served_by)
+        self.tenant_requests.labels(tenant, target, str(status)).inc()
+        if prompt:
+            self.tenant_tokens.labels(tenant, target, "prompt").inc(prompt)
+        if completion:
+            self.tenant_tokens.labels(tenant, target, "completion").inc(completion)
 
     def render(self) -> bytes:
         """The text exposition format."""

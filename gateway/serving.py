@@ -165,6 +165,7 @@ class Proxy:
         try:
             plan = await self.router.plan(route_request(payload, headers or {}, principal))
             model = plan.model
+            self.metrics.overhead.observe(time.perf_counter() - started)
             response, served = await self._first_answer(plan, endpoint, payload, stream, started, principal)
             return response
         except QuiverError as exc:
@@ -341,6 +342,7 @@ class Proxy:
                 if isinstance(count, int):
                     counts[kind] = count
                     self.metrics.tokens.labels(model, adapter, kind).inc(count)
+        self.metrics.observe_tenant(principal.tenant, adapter, status, counts["prompt"], counts["completion"])
         if self.usage is not None:
             self.usage.record(principal, adapter, status < 400, counts["prompt"], counts["completion"])
 
@@ -349,6 +351,7 @@ class Proxy:
     ) -> None:
         self.metrics.requests.labels(endpoint, model, served, str(status)).inc()
         self.metrics.latency.labels(endpoint, model, served).observe(time.perf_counter() - started)
+        self.metrics.observe_tenant(principal.tenant, served, status)
         if self.usage is not None:
             self.usage.record(principal, served, False, 0, 0)
 

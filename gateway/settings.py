@@ -99,6 +99,13 @@ class Settings(BaseSettings):
         description="redis://HOST:PORT/DB shared by several gateways: rate limits that hold across all of them, "
         "and residency hints (which adapters any gateway used last on each replica). Unset: in-process.",
     )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text or as JSON (one object per line, with the request id)."
+    )
+    otel_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector (http://host:4318) for OpenTelemetry traces; unset: tracing off.",
+    )
     usage_flush_s: float = Field(1.0, gt=0, description="How often counted usage is written to the registry.")
 
     @field_validator("admin_key")

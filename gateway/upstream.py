@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import httpx
 
+from gateway.observability import Tracing, outbound_headers
 from quiver.errors import InvalidRequest, QuiverError, Unavailable, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("quiver.upstream")
@@ -74,6 +75,7 @@ class Upstream:
         self._last_up = time.monotonic()
         self._urls: dict[str, httpx.URL] = {}
         self._headers = _JSON | (headers or {})
+        self.tracing = Tracing()  # off; the app hands its own over when tracing is on
         self._probe_timeout = httpx.Timeout(connect_timeout_s)
         # Keep-alive pool sized for high concurrency: a new TCP handshake per request is what
         # makes naive proxies slow.
@@ -120,11 +122,11 @@ class Upstream:
 
     async def open(self, path: str, body: bytes) -> httpx.Response:
         """POST ``body`` and return the response with its body not yet read (for streaming)."""
-        request = httpx.Request(
-            "POST", self._url(path), content=body, headers=self._headers, extensions=self._extensions
-        )
-        with self._translating(f"POST {path}"):
-            response = await self._client.send(request, stream=True)
+        headers = self._headers | outbound_headers()
+        with self.tracing.client_span(f"upstream POST {path}", headers, **{"server.address": self.url}):
+            request = httpx.Request("POST", self._url(path), content=body, headers=headers, extensions=self._extensions)
+            with self._translating(f"POST {path}"):
+                response = await self._client.send(request, stream=True)
         if response.status_code < 400:
             return response
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import signal
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from gateway import Settings, create_app
+from gateway.observability import configure_logging
 from quiver import embedded
 from quiver.vllm_server import VllmServer, port_in_use
 
@@ -196,10 +196,7 @@ def _serve(settings: Settings, base: str, console: Console, started: float) -> i
             _banner(console, settings, base, settings.vllm_url, started, has_demo)
 
     gateway.startup = startup  # type: ignore[method-assign]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # One line per health poll would drown what matters.
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(settings.log_format, "info")
     asyncio.run(gateway.serve())
     if not gateway.started:
         raise UpFailed("the gateway did not start; see the log above")

@@ -6,10 +6,7 @@ asks it; `quiver deploy rm` unregisters the deployment and stops the server.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +18,6 @@ from safetensors.torch import load_file, save_file
 from adapters import BaseModelSpec, Registry
 from adapters import merge as merging
 from quiver import embedded
-from quiver.vllm_server import port_in_use, running, vllm_command_line
-from tests.integration.openai_helpers import QUESTION, client
 
 NAME = "merge-it"
 
@@ -88,50 +83,3 @@ def test_the_merged_embedded_model_is_equivalent_and_a_corrupted_one_is_not(
         torch.set_num_threads(threads)
     assert not check.equivalent
     assert check.max_logprob_diff > merging.LOGPROB_TOLERANCE[torch.bfloat16]
-
-
-def quiver(*args: str, data_dir: Path, base_model_dir: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, QUIVER_DATA_DIR=str(data_dir), QUIVER_BASE_MODEL_PATH=str(base_model_dir))
-    return subprocess.run(
-        [sys.executable, "-m", "quiver.cli", *args], env=env, capture_output=True, text=True, timeout=900
-    )
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_deploy_merged_serves_the_merged_model_until_deploy_rm(merged: Merged, base_model_dir: Path) -> None:
-    lora_name = f"{NAME}@v1"
-    # Eager: vLLM on this CPU compiles every new model path for 60-100 s, and fails to reuse its compile cache.
-    args = ("deploy", "merged", lora_name, "--vllm-arg=--enforce-eager")
-    deployed = quiver(*args, data_dir=merged.data_dir, base_model_dir=base_model_dir)
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    with open_registry(merged.data_dir, base_model_dir) as registry:
-        [deployment] = registry.deployments()
-        assert dict(registry.snapshot().deployments) == {lora_name: deployment}
-    pid = deployment.pid
-    assert pid is not None
-    try:
-        # The CLI has exited; its vLLM serves the merged directory under name@vN, with LoRA off.
-        command = vllm_command_line(pid)
-        assert str(merged.report.path) in command and "--enable-lora" not in command and "--enforce-eager" in command
-        assert deployment.served_model == lora_name
-        assert (merged.data_dir / "logs" / f"deploy-{lora_name}.log").is_file()
-        with client(deployment.url) as openai:
-            assert [(m.id, getattr(m, "parent", None)) for m in openai.models.list()] == [(lora_name, None)]
-            answer = openai.chat.completions.create(model=lora_name, messages=QUESTION, max_tokens=8, temperature=0)  # type: ignore[arg-type]
-        assert answer.model == lora_name and answer.choices[0].message.content
-
-        listed = quiver("deploy", "list", data_dir=merged.data_dir, base_model_dir=base_model_dir)
-        assert listed.returncode == 0 and lora_name in listed.stdout and deployment.url in listed.stdout
-
-        removed = quiver("deploy", "rm", lora_name, data_dir=merged.data_dir, base_model_dir=base_model_dir)
-        assert removed.returncode == 0, removed.stdout + removed.stderr
-        assert f"stopped vLLM (pid {pid})" in " ".join(removed.stdout.split())
-        assert not running(pid)
-        port = int(deployment.url.rsplit(":", 1)[1])
-        assert not port_in_use("127.0.0.1", port)
-        with open_registry(merged.data_dir, base_model_dir) as registry:
-            assert registry.deployments() == [] and registry.snapshot().deployments == {}
-    finally:
-        if running(pid) and vllm_command_line(pid):  # a failed assertion must not leave vLLM running
-            os.killpg(pid, 9)

@@ -11,7 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from adapters import Registry
 from gateway import Settings
+from quiver.vllm_server import port_in_use, running, vllm_command_line
 from tests.integration.openai_helpers import greedy, push
 from tests.servers import running_gateway, wait_until
 
@@ -37,8 +39,20 @@ def test_merged_deployment_takes_traffic_and_gives_it_back_without_a_failed_requ
         assert headers["x-quiver-served-by"] == lora
 
         quiver(settings, "merge", lora)
+        # Eager: vLLM on this CPU compiles every new model path for 60-100 s, and fails to reuse its compile cache.
         quiver(settings, "deploy", "merged", lora, "--vllm-arg=--enforce-eager")
+        with Registry.open(settings.registry_url, settings.adapter_store) as registry:
+            [deployment] = registry.deployments()
+        pid = deployment.pid
+        assert pid is not None and deployment.served_model == lora
         try:
+            # The CLI has exited; its vLLM serves the merged directory under name@vN, with LoRA off.
+            command = vllm_command_line(pid)
+            assert "--enable-lora" not in command and "--enforce-eager" in command
+            assert (settings.data_dir / "logs" / f"deploy-{lora}.log").is_file()
+            listed = quiver(settings, "deploy", "list")
+            assert lora in listed.stdout and deployment.url in listed.stdout
+
             wait_until(
                 lambda: greedy(gateway.url, lora)[1]["x-quiver-served-by"] == f"merged:{lora}",
                 timeout_s=60,
@@ -74,6 +88,9 @@ def test_merged_deployment_takes_traffic_and_gives_it_back_without_a_failed_requ
                 worker.join()
             assert failures == []
             assert served == {f"merged:{lora}", lora}
+            # `deploy rm` also stopped the server it had started.
+            assert not running(pid)
+            assert not port_in_use("127.0.0.1", int(deployment.url.rsplit(":", 1)[1]))
         finally:
             subprocess.run(
                 [sys.executable, "-m", "quiver.cli", "deploy", "rm", lora],
