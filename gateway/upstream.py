@@ -124,9 +124,21 @@ class Upstream:
         """POST ``body`` and return the response with its body not yet read (for streaming)."""
         headers = self._headers | outbound_headers()
         with self.tracing.client_span(f"upstream POST {path}", headers, **{"server.address": self.url}):
-            request = httpx.Request("POST", self._url(path), content=body, headers=headers, extensions=self._extensions)
-            with self._translating(f"POST {path}"):
-                response = await self._client.send(request, stream=True)
+            for attempt in (1, 2):
+                request = httpx.Request(
+                    "POST", self._url(path), content=body, headers=headers, extensions=self._extensions
+                )
+                with self._translating(f"POST {path}"):
+                    try:
+                        response = await self._client.send(request, stream=True)
+                    except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+                        # A pooled connection the upstream closed (it died or restarted) fails before any answer;
+                        # the request never ran. Once more on a new connection, which then says what is going on.
+                        if attempt == 2:
+                            raise
+                        log.info("%s at %s: pooled connection dropped (%r); sending again", self.label, self.url, exc)
+                        continue
+                break
         if response.status_code < 400:
             return response
         try:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +106,32 @@ def healthy(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+@dataclass
+class GatewayProcess:
+    """A gateway in a process of its own (``quiver up --vllm-url``), for what a thread cannot show: kill -9."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+@contextmanager
+def gateway_process(env: dict[str, str], vllm_url: str, log_path: Path) -> Iterator[GatewayProcess]:
+    """Start ``quiver up`` in front of a running vLLM with ``env`` (``QUIVER_*``) until the block ends."""
+    port = free_port()
+    with log_path.open("a") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "quiver.cli", "up", "--vllm-url", vllm_url, "--port", str(port)],
+            env=dict(os.environ, **env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until(lambda: process.poll() is None and healthy(url), timeout_s=180, what=f"a gateway ({log_path})")
+            yield GatewayProcess(url, process)
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(60)

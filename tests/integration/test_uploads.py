@@ -59,7 +59,17 @@ BAD_ARCHIVES: dict[str, tuple[Callable[[Path], Path], int, str]] = {
     "symlink": (lambda d: factories.symlink_tar(d / "s.tar.gz"), 400, "link"),
     "not_an_archive": (lambda d: _write(d / "x.tar.gz", b"this is not gzip"), 400, "archive"),
     "wrong_suffix": (lambda d: _write(d / "adapter.rar", b"Rar!"), 400, ".zip"),
+    "truncated": (lambda d: _truncated(d / "cut.tar.gz"), 400, "unreadable"),
 }
+
+
+def _truncated(path: Path) -> Path:
+    """A real adapter-shaped tar.gz cut off half-way, as an interrupted copy leaves it."""
+    whole = factories.tar_with(
+        path.with_name("whole.tar.gz"),
+        {"adapter/adapter_config.json": b"{}" * 5000, "adapter/adapter_model.safetensors": bytes(range(256)) * 400},
+    ).read_bytes()
+    return _write(path, whole[: len(whole) // 2])
 
 
 def _write(path: Path, data: bytes) -> Path:

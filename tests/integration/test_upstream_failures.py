@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -23,11 +27,45 @@ def test_vllm_killed_then_restarted(
     lora = f"{unique_name}@v1"
     assert gateway.metric("quiver_adapter_loads_total", adapter=lora, outcome="ok") == 1
 
-    vllm.stop(grace_s=0)
-    down = httpx.post(f"{gateway.url}/v1/chat/completions", json={"model": unique_name, "messages": QUESTION})
-    assert down.status_code == 503
+    # kill -9 under load: streams in flight on both the adapter and the base when vLLM dies.
+    ended: list[tuple[float, int | str]] = []
+    stop = threading.Event()
+
+    def load(model: str) -> None:
+        body = {"model": model, "messages": QUESTION, "max_tokens": 256, "ignore_eos": True, "stream": True}
+        while not stop.is_set():
+            try:
+                with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=30) as r:
+                    for _ in r.iter_lines():
+                        pass
+                    ended.append((time.monotonic(), r.status_code))
+            except httpx.HTTPError as exc:
+                ended.append((time.monotonic(), type(exc).__name__))
+            if ended and ended[-1][1] != 200:
+                time.sleep(0.1)
+
+    clients = [threading.Thread(target=load, args=(m,), daemon=True) for m in (unique_name, "base", unique_name)]
+    for c in clients:
+        c.start()
+    try:
+        time.sleep(2)  # requests in flight
+        assert vllm.process is not None
+        os.killpg(vllm.process.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        down = httpx.post(f"{gateway.url}/v1/chat/completions", json={"model": unique_name, "messages": QUESTION})
+        to_503 = time.monotonic() - killed
+    finally:
+        stop.set()
+    assert down.status_code == 503 and to_503 < 1.0, (down.status_code, down.text, to_503)
     assert int(down.headers["retry-after"]) >= 1
     assert error_of(down)["code"] == "upstream_unavailable"
+    for c in clients:
+        c.join(30)
+        assert not c.is_alive(), "a request hung after vLLM died"
+    after_kill = [status for at, status in ended if at > killed]
+    assert after_kill and all(status in (200, 502, 503) for status in after_kill), after_kill
+    print(f"kill -9 of vLLM under load: 503 in {1000 * to_503:.0f} ms; {len(after_kill)} requests ended after it")
+    vllm.process.wait(30)
     assert httpx.get(f"{gateway.url}/health").status_code == 503
 
     vllm.start()

@@ -190,3 +190,20 @@ def test_settings_fail_fast_with_clear_messages(tmp_path: Path) -> None:
         Settings(base_model_path=tmp_path)
     settings = Settings(data_dir=tmp_path)
     assert settings.registry_url == f"sqlite:///{tmp_path / 'registry.db'}"
+
+
+async def test_a_dropped_pooled_connection_is_retried_once_on_a_new_one() -> None:
+    failures = [httpx.ReadError("connection reset"), httpx.RemoteProtocolError("peer closed")]
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        if failures:
+            raise failures.pop(0)
+        return httpx.Response(200, json={"ok": True})
+
+    replica = VllmReplica("http://vllm", transport=httpx.MockTransport(flaky))
+    with pytest.raises(UpstreamError, match="RemoteProtocolError"):  # twice in a row: reported
+        await replica.open("/v1/chat/completions", b"{}")
+    failures.append(httpx.ReadError("connection reset"))
+    answered = await replica.open("/v1/chat/completions", b"{}")  # once: sent again, answered
+    assert answered.status_code == 200
+    await replica.aclose()
