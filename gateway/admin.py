@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
 from adapters import Adapter, AdapterVersion, Deployment, parse_lora_name
-from adapters.keys import ADAPTERS_WRITE, INFERENCE
+from adapters.keys import ADAPTERS_WRITE, INFERENCE, TENANT_RULE
 from gateway.auth import Principal, requires
 from gateway.deps import Gateway, GatewayDep
 from gateway.protocol import (
@@ -124,6 +124,8 @@ def _push_tenant(principal: Principal, asked: object) -> str | None:
         if asked and asked != principal.tenant:
             raise PermissionDenied("only an admin key may push an adapter for another tenant")
         return principal.tenant
+    if asked and not TENANT_RULE.fullmatch(asked):
+        raise InvalidRequest(f"invalid tenant {asked!r}", param="tenant")
     return asked or None
 
 

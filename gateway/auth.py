@@ -81,7 +81,9 @@ def bearer_token(request: Request) -> str | None:
     header = request.headers.get("authorization")
     if header is not None:
         scheme, _, token = header.partition(" ")
-        return token.strip() or None if scheme.lower() == "bearer" else None
+        if scheme.lower() != "bearer":
+            return None
+        return token.strip() or None
     return request.headers.get("api-key") or None
 
 

@@ -44,3 +44,9 @@ def tiny_base(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def embedder() -> Embedder:
     """The real all-MiniLM-L6-v2 embedder (offline, from its package), loaded once: RAG tests rank with it."""
     return Embedder()
+
+
+@pytest.fixture
+def tiny_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real PEFT LoRA of a tiny llama, made for the test."""
+    return factories.make_lora_adapter(factories.tiny_llama_model(), tmp_path_factory.mktemp("tiny") / "a")

@@ -22,7 +22,7 @@ from adapters.usage import UsageRow
 from gateway import create_app
 from quiver.errors import InvalidRequest, NotFound, PermissionDenied
 from tests.postgres import postgres_cluster  # noqa: F401 - a fixture, used by name
-from tests.unit.test_gateway_app import RestartingVllm, _settings, tiny_adapter  # noqa: F401 - fixture by name
+from tests.unit.test_gateway_app import RestartingVllm, _settings
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -221,7 +221,12 @@ async def test_keys_scopes_and_tenants_through_the_api(tmp_path: Path, tiny_adap
         reg.push_dir("shared-bot", tiny_adapter)
         await gateway.registry.refresh()
 
-        for headers, code in (({}, "invalid_api_key"), (_auth("qk_nope"), "invalid_api_key")):
+        basic = {"authorization": f"Basic {acme}"}  # a key in the wrong scheme is no key
+        for headers, code in (
+            ({}, "invalid_api_key"),
+            (_auth("qk_nope"), "invalid_api_key"),
+            (basic, "invalid_api_key"),
+        ):
             answer = await client.post("/v1/chat/completions", json=CHAT | {"model": "m"}, headers=headers)
             assert (answer.status_code, answer.json()["error"]["code"]) == (401, code)
         revoked = await client.post("/v1/chat/completions", json=CHAT | {"model": "m"}, headers=_auth(gone.token))

@@ -49,11 +49,6 @@ class RestartingVllm:
         return httpx.Response(200, json=COMPLETION | {"model": body["model"]})
 
 
-@pytest.fixture
-def tiny_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return factories.make_lora_adapter(factories.tiny_llama_model(), tmp_path_factory.mktemp("tiny") / "a")
-
-
 async def _client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gateway") as client:
