@@ -54,6 +54,10 @@ def upstream_error(status: int, body: bytes, label: str = "vLLM") -> QuiverError
     return UpstreamError(f"{label} answered {status}: {message}")
 
 
+# Sends of one request over pooled connections that turn out dead, before giving up.
+_SEND_ATTEMPTS = 4
+
+
 class Upstream:
     """An OpenAI-compatible server: forwarding requests and relaying answers, with typed errors."""
 
@@ -124,7 +128,7 @@ class Upstream:
         """POST ``body`` and return the response with its body not yet read (for streaming)."""
         headers = self._headers | outbound_headers()
         with self.tracing.client_span(f"upstream POST {path}", headers, **{"server.address": self.url}):
-            for attempt in (1, 2):
+            for attempt in range(1, _SEND_ATTEMPTS + 1):
                 request = httpx.Request(
                     "POST", self._url(path), content=body, headers=headers, extensions=self._extensions
                 )
@@ -133,11 +137,19 @@ class Upstream:
                         response = await self._client.send(request, stream=True)
                     except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
                         # A pooled connection the upstream closed (it died or restarted) fails before any answer;
-                        # the request never ran. Once more on a new connection, which then says what is going on.
-                        if attempt == 2:
+                        # the request never ran. Again on the next connection; the pool may hold several dead ones.
+                        if attempt < _SEND_ATTEMPTS:
+                            log.info(
+                                "%s at %s: pooled connection dropped (%r); sending again", self.label, self.url, exc
+                            )
+                            continue
+                        if isinstance(exc, httpx.RemoteProtocolError):
                             raise
-                        log.info("%s at %s: pooled connection dropped (%r); sending again", self.label, self.url, exc)
-                        continue
+                        raise Unavailable(
+                            f"{self.label} closed the connection before answering ({path}); it may be restarting",
+                            retry_after=RETRY_AFTER_S,
+                            code="upstream_unavailable",
+                        ) from exc
                 break
         if response.status_code < 400:
             return response

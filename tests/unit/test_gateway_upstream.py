@@ -192,8 +192,8 @@ def test_settings_fail_fast_with_clear_messages(tmp_path: Path) -> None:
     assert settings.registry_url == f"sqlite:///{tmp_path / 'registry.db'}"
 
 
-async def test_a_dropped_pooled_connection_is_retried_once_on_a_new_one() -> None:
-    failures = [httpx.ReadError("connection reset"), httpx.RemoteProtocolError("peer closed")]
+async def test_dropped_pooled_connections_are_sent_again_then_reported_as_unavailable() -> None:
+    failures: list[Exception] = [httpx.ReadError("reset")] * 4
 
     def flaky(request: httpx.Request) -> httpx.Response:
         if failures:
@@ -201,9 +201,12 @@ async def test_a_dropped_pooled_connection_is_retried_once_on_a_new_one() -> Non
         return httpx.Response(200, json={"ok": True})
 
     replica = VllmReplica("http://vllm", transport=httpx.MockTransport(flaky))
-    with pytest.raises(UpstreamError, match="RemoteProtocolError"):  # twice in a row: reported
+    with pytest.raises(Unavailable, match="closed the connection"):  # every try dropped: the upstream is going
         await replica.open("/v1/chat/completions", b"{}")
-    failures.append(httpx.ReadError("connection reset"))
-    answered = await replica.open("/v1/chat/completions", b"{}")  # once: sent again, answered
+    failures.extend([httpx.RemoteProtocolError("peer closed")] * 4)
+    with pytest.raises(UpstreamError, match="RemoteProtocolError"):
+        await replica.open("/v1/chat/completions", b"{}")
+    failures.append(httpx.ReadError("reset"))
+    answered = await replica.open("/v1/chat/completions", b"{}")  # one dead connection: sent again, answered
     assert answered.status_code == 200
     await replica.aclose()
