@@ -538,8 +538,8 @@ class Registry:
             for param, value in values.items():
                 if value is not None and value < 1:
                     raise InvalidRequest(f"{param} must be at least 1 (or none for no limit)", param=param)
-            if values and conn.execute(update(t).where(t.c.name == tenant).values(**values)).rowcount == 0:
-                raise NotFound(f"tenant '{tenant}' does not exist (it is made with its first key)", param="tenant")
+            if values:
+                conn.execute(update(t).where(t.c.name == tenant).values(**values))
             row = conn.execute(select(t).where(t.c.name == tenant)).mappings().first()
             if row is None:
                 raise NotFound(f"tenant '{tenant}' does not exist (it is made with its first key)", param="tenant")
