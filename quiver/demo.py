@@ -24,8 +24,12 @@ from quiver.errors import Conflict, QuiverError
 from quiver.vllm_server import free_port
 
 DEMO_ADAPTER = "support-triage"
-# Sized to train on a 2-core CPU within the 10-minute budget (see README, "The demo adapter").
-DEMO_RECIPE: dict[str, Any] = {"max_steps": 60, "lr": 4e-4, "batch_size": 8, "rank": 16, "alpha": 32}
+# Sized to train on a 2-core CPU within the 10-minute budget (see README, "The demo adapter"). A high rate with
+# a short warm-up and a cosine decay: 4e-4 over 60 steps left the adapter at 69 points, 2e-3 over 80 at 90.
+DEMO_RECIPE: dict[str, Any] = {
+    "max_steps": 80, "lr": 2e-3, "warmup_ratio": 0.05, "lr_scheduler": "cosine", "batch_size": 8, "rank": 16,
+    "alpha": 32,
+}  # fmt: skip
 DEMO_SIZES = {"n_train": 1000, "n_val": 100, "n_test": 200}
 # General requests answered by the base itself, mixed into training against forgetting (each REPLAY_COPIES times).
 REPLAY_PROMPTS = 52

@@ -7,13 +7,13 @@ cd "$(dirname "$0")/.."
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "==> Installing PostgreSQL for the registry tests"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
-    || echo "warning: could not install PostgreSQL; its tests will be skipped" >&2
+    || echo "warning: could not install PostgreSQL; its tests will be skipped (and fail under CI)" >&2
 fi
 # Several-gateway tests share rate limits and residency hints through a real Redis server.
 if ! command -v redis-server >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "==> Installing Redis for the several-gateway tests"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
-    || echo "warning: could not install Redis; its tests will be skipped" >&2
+    || echo "warning: could not install Redis; its tests will be skipped (and fail under CI)" >&2
 fi
 .venv/bin/python -m pytest "$@"
 rc=$?

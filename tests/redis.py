@@ -1,7 +1,8 @@
 """A throwaway Redis server for tests: ``redis-server`` on 127.0.0.1, a free port, no persistence, gone after.
 
 Use the ``redis_server`` session fixture (import it into a test module); it skips, saying why, where
-``redis-server`` is not installed (``apt-get install redis-server``; ``scripts/test.sh`` does that on CI).
+``redis-server`` is not installed (``apt-get install redis-server``; ``scripts/test.sh`` does that), and fails
+under CI.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.postgres import missing_server
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ def redis_server() -> Iterator[RedisServer]:
         "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
     )
     if binary is None:
-        pytest.skip("redis-server not found (apt-get install redis-server)")
+        missing_server("redis-server not found (apt-get install redis-server)")
     root = Path(tempfile.mkdtemp(prefix="quiver-redis-"))
     port = _free_port()
     log = (root / "redis.log").open("w")

@@ -58,13 +58,15 @@ class RichProgress(TrainerCallback):
         )
         self._progress.start()
 
+    def _speed(self, state: TrainerState) -> str:
+        elapsed = time.monotonic() - self._started
+        tokens = state.num_input_tokens_seen - self._tokens_at_start
+        return f"{tokens / elapsed:,.0f}" if elapsed > 0 and tokens > 0 else "-"
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self._progress is None or self._task is None:
             return
-        elapsed = time.monotonic() - self._started
-        tokens = state.num_input_tokens_seen - self._tokens_at_start
-        speed = f"{tokens / elapsed:,.0f}" if elapsed > 0 and tokens > 0 else "-"
-        self._progress.update(self._task, completed=state.global_step, tokens_per_s=speed)
+        self._progress.update(self._task, completed=state.global_step, tokens_per_s=self._speed(state))
 
     def on_log(
         self,
@@ -81,6 +83,15 @@ class RichProgress(TrainerCallback):
         if "eval_loss" in logs:
             self._val_loss = f"{float(logs['eval_loss']):.4f}"
         self._progress.update(self._task, loss=self._loss, val_loss=self._val_loss)
+        if not self.console.is_terminal:
+            # A live bar only draws on a terminal; a log file or a pipe gets a line per logged loss instead.
+            task = self._progress.tasks[0]
+            eta = f"{task.time_remaining:.0f} s" if task.time_remaining is not None else "-"
+            self.console.print(
+                f"{self.description}: step {state.global_step}/{state.max_steps} loss {self._loss} "
+                f"val {self._val_loss} {self._speed(state)} tok/s ETA {eta}",
+                highlight=False,
+            )
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

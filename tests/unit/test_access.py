@@ -196,9 +196,13 @@ def _auth(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-async def test_without_keys_the_gateway_is_open_on_loopback_only(tmp_path: Path) -> None:
+async def test_without_keys_the_gateway_is_open_on_loopback_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     app = create_app(_settings(tmp_path), transport=httpx.MockTransport(RestartingVllm()))
     async for client in _client(app):
+        # Start-up says so, and how to close it.
+        assert any("open, to clients on loopback only" in r.getMessage() for r in caplog.records)
         assert (await client.post("/v1/chat/completions", json=CHAT | {"model": "m"})).status_code == 200
     async for client in _client(app, client_host="10.1.2.3"):
         refused = await client.post("/v1/chat/completions", json=CHAT | {"model": "m"})
@@ -217,6 +221,13 @@ async def test_keys_scopes_and_tenants_through_the_api(tmp_path: Path, tiny_adap
         admin = reg.create_key("ops", [ADMIN]).token
         gone = reg.create_key("acme", [INFERENCE])
         reg.revoke_key(gone.key.id)
+        stale = reg.create_key("acme", [INFERENCE], expires_at=datetime.now(UTC) + timedelta(seconds=30))
+        with reg._engine.begin() as conn:  # its expiry passes (no waiting for it)
+            conn.execute(
+                db.api_keys.update()
+                .where(db.api_keys.c.id == stale.key.id)
+                .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+            )
         reg.push_dir("acme-bot", tiny_adapter, tenant="acme")
         reg.push_dir("shared-bot", tiny_adapter)
         await gateway.registry.refresh()
@@ -231,6 +242,8 @@ async def test_keys_scopes_and_tenants_through_the_api(tmp_path: Path, tiny_adap
             assert (answer.status_code, answer.json()["error"]["code"]) == (401, code)
         revoked = await client.post("/v1/chat/completions", json=CHAT | {"model": "m"}, headers=_auth(gone.token))
         assert (revoked.status_code, revoked.json()["error"]["code"]) == (401, "revoked_api_key")
+        expired = await client.post("/v1/chat/completions", json=CHAT | {"model": "m"}, headers=_auth(stale.token))
+        assert (expired.status_code, expired.json()["error"]["code"]) == (401, "expired_api_key")
 
         # Another tenant's adapter does not exist for globex: 404 everywhere, never 403.
         models = await client.get("/v1/models", headers=_auth(globex))
@@ -318,3 +331,33 @@ async def test_routing_rules_match_the_callers_tenant_and_key(tmp_path: Path, ti
         assert answer.headers["x-quiver-served-by"] == "acme-bot@v1"
         answer = await client.post("/v1/chat/completions", json=CHAT | {"model": "m"}, headers=_auth(globex.token))
         assert answer.headers["x-quiver-route"] == "rule:one-key"
+
+
+def test_keys_cli_creates_lists_and_revokes(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from quiver.cli import app
+
+    env = {"QUIVER_DATA_DIR": str(tmp_path), "QUIVER_REGISTRY_URL": None}
+
+    def quiver(*args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(app, list(args), env=env)
+        return result.exit_code, result.output
+
+    code, out = quiver("keys", "create", "--tenant", "acme", "--scope", "inference", "--rpm", "60", "--name", "ci")
+    assert code == 0, out
+    token = next(line for line in out.splitlines() if line.startswith("qk_"))
+    code, listing = quiver("keys", "list")
+    assert code == 0 and "acme" in listing and "active" in listing and " 60 " in listing
+    assert token not in listing and token.rsplit("_", 1)[-1] not in listing  # the secret is never shown again
+    registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "adapters")
+    key = registry.api_keys("acme")[0]
+    assert registry.key_ring().verify(token) is not None
+    code, out = quiver("keys", "revoke", key.id)
+    assert code == 0 and f"revoked {key.id}" in out
+    assert quiver("keys", "list")[1].count("revoked") == 1
+    code, out = quiver("keys", "create", "--tenant", "acme", "--scope", "superuser")
+    assert code == 1 and "unknown scope 'superuser'" in out
+    code, out = quiver("keys", "revoke", "0123456789ab")
+    assert code == 1 and "no API key" in out
+    registry.close()

@@ -100,3 +100,25 @@ async def test_no_limits_cost_nothing_and_send_no_headers() -> None:
     principal = Principal("k", "acme", frozenset({INFERENCE}))
     limiter = RateLimiter.create(None, PromptMeter(None), Metrics())
     assert await limiter.admit(principal, {"model": "m", "messages": []}, frontier=False) == {}
+
+
+async def test_token_limits_count_the_prompt_with_the_models_tokenizer_or_tiktoken(base_model_dir: Path) -> None:
+    import tiktoken
+    from transformers import AutoTokenizer
+
+    from gateway.tokens import FRONTIER_ENCODING
+
+    messages = [{"role": "user", "content": "Summarise the quarterly report in three bullet points, please."}]
+    payload = {"model": "m", "messages": messages, "max_tokens": 50}
+    ids = AutoTokenizer.from_pretrained(str(base_model_dir)).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    # OpenAI's chat estimate: 3 tokens of framing per message and 3 to prime the reply.
+    frontier = 3 + len(tiktoken.get_encoding(FRONTIER_ENCODING).encode(messages[0]["content"])) + 3
+    assert len(ids) != frontier  # the two counts differ, so the test tells which one was charged
+    limiter = RateLimiter.create(None, PromptMeter(base_model_dir), Metrics())
+    for tenant, on_frontier, prompt_tokens in (("acme", False, len(ids)), ("globex", True, frontier)):
+        principal = Principal("k", tenant, frozenset({INFERENCE}), key_limits=Limits(tokens_per_min=1000))
+        headers = await limiter.admit(principal, payload, frontier=on_frontier)
+        assert headers["x-ratelimit-remaining-tokens"] == str(1000 - prompt_tokens - 50)
+    await limiter.aclose()
