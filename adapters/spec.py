@@ -6,9 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,18 @@ class BaseModelSpec:
     @classmethod
     def from_model_dir(cls, path: Path, name: str | None = None) -> BaseModelSpec:
         """Read ``config.json`` under ``path``; ``name`` defaults to the path, as vLLM's ``--model`` does."""
+        # transformers and torch take seconds to import: only the commands that read a model pay for them.
+        from transformers import AutoConfig
+
         cfg = AutoConfig.from_pretrained(path)
         return cls.from_config(cfg, name if name is not None else str(path))
 
     @classmethod
     def from_config(cls, cfg: PretrainedConfig, name: str) -> BaseModelSpec:
         """Build the model on the meta device to list its linear layers: any architecture, no memory."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)  # type: ignore[no-untyped-call]
         embeddings = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}

@@ -595,6 +595,10 @@ def eval_(
     k: Annotated[int, typer.Option(help="Examples the few-shot and RAG baselines show.")] = 3,
     gateway: Annotated[str | None, typer.Option(help="Gateway URL (default: the one `quiver up` serves).")] = None,
     probe: Annotated[bool, typer.Option(help="Run the general-knowledge forgetting probe.")] = True,
+    probe_questions: Annotated[
+        int | None, typer.Option(min=1, help="Ask only the probe's first N questions (default: all 60).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Longest answer per request, in tokens.")] = 128,
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 8,
     store: Annotated[bool, typer.Option(help="Store the report with the version in the registry.")] = True,
     output: Annotated[Path | None, typer.Option(dir_okay=False, help="Also write the JSON report here.")] = None,
@@ -610,8 +614,9 @@ def eval_(
         task = TaskSpec.from_file(spec_path) if spec_path.is_file() else TaskSpec()
         url = gateway or f"http://{settings.host}:{settings.port}"
         report = evaluate(
-            version.lora_name, test, train, base_url=url, spec=task, k=k, probe=probe,
-            concurrency=concurrency, console=err,
+            version.lora_name, test, train, base_url=url, spec=task, k=k,
+            probe=(probe_questions or True) if probe else False, max_tokens=max_tokens, concurrency=concurrency,
+            console=err,
         )  # fmt: skip
         if store:
             registry.record_evaluation(version.name, version.number, report)

@@ -227,7 +227,7 @@ async def _evaluate(
     spec: TaskSpec,
     k: int,
     seed: int,
-    probe: bool,
+    probe: int,
 ) -> dict[str, Any]:
     metric = METRICS[spec.metric]
     base = evaluator.base_model
@@ -260,7 +260,7 @@ async def _evaluate(
             for label, target in (("base", base), ("adapter", model)):
                 jobs = [
                     (target, _messages(None, [Message("user", q)]), _probe_scorer(accepted))
-                    for q, accepted in QUESTIONS
+                    for q, accepted in QUESTIONS[:probe]
                 ]
                 probes[label] = await evaluator.score(
                     jobs, progress, f"general probe: {label}", max_tokens=PROBE_MAX_TOKENS
@@ -291,7 +291,7 @@ async def _evaluate(
     }
     if probes:
         report["probe"] = {
-            "questions": len(QUESTIONS),
+            "questions": len(QUESTIONS[:probe]),
             "base": probes["base"].points,
             "adapter": probes["adapter"].points,
             "delta": round(probes["adapter"].points - probes["base"].points, 2),
@@ -322,7 +322,7 @@ def evaluate(
     spec: TaskSpec | None = None,
     k: int = DEFAULT_K,
     seed: int = 0,
-    probe: bool = True,
+    probe: bool | int = True,
     concurrency: int = 8,
     max_tokens: int = 128,
     timeout_s: float = 300.0,
@@ -331,7 +331,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score ``model`` (``name@vN``) and the three baselines on ``test`` through the gateway at ``base_url``.
 
-    ``train`` supplies the few-shot and retrieved examples. Returns the report (see the module docstring).
+    ``train`` supplies the few-shot and retrieved examples. ``probe``: the general probe's first N questions
+    (True: all, False: none). Returns the report (see the module docstring).
     """
     if k < 1:
         raise InvalidRequest("k (examples shown to the few-shot and RAG baselines) must be at least 1", param="k")
@@ -351,7 +352,8 @@ def evaluate(
         client = openai.AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1", api_key=api_key, timeout=timeout_s)
         async with client:
             evaluator = Evaluator(client, concurrency=concurrency, max_tokens=max_tokens, console=console)
-            return await _evaluate(evaluator, model, cases, train_examples, spec, k, seed, probe)
+            questions = len(QUESTIONS) if probe is True else int(probe)
+            return await _evaluate(evaluator, model, cases, train_examples, spec, k, seed, questions)
 
     report = asyncio.run(run())
     report["test"] = {"file": str(test), **test_file.fingerprint()}

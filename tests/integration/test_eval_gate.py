@@ -13,7 +13,6 @@ from quiver.cli import app
 from tests.servers import GatewayServer
 from training.demo import write_demo
 from training.eval import BASELINES, SYSTEMS
-from training.probe import QUESTIONS
 
 
 def quiver(args: list[str], settings: Settings) -> tuple[int, str]:
@@ -38,6 +37,7 @@ def test_eval_scores_four_systems_stores_the_report_and_gates_promotion(
         [
             "eval", f"{unique_name}@v1", "--test", str(demo.test), "--train", str(demo.train),
             "--k", "2", "--gateway", gateway.url, "--output", str(report_file),
+            "--probe-questions", "12", "--max-tokens", "48",
         ],
         settings,
     )  # fmt: skip
@@ -52,7 +52,7 @@ def test_eval_scores_four_systems_stores_the_report_and_gates_promotion(
     best = report["best_baseline"]
     assert best in BASELINES and report["scores"][best] == max(report["scores"][b] for b in BASELINES)
     assert report["margin"] == round(report["scores"]["adapter"] - report["scores"][best], 2)
-    assert report["probe"]["questions"] == len(QUESTIONS) and report["probe"]["base"] > 0
+    assert report["probe"]["questions"] == 12 and report["probe"]["base"] > 0
     assert report["test"]["sha256"] and report["train"]["count"] == 30
 
     shown = httpx.get(f"{gateway.url}/v1/adapters/{unique_name}").json()

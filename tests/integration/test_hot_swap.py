@@ -113,7 +113,7 @@ def test_request_in_flight_finishes_on_its_version_when_the_alias_moves(
     httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 1, "force": True})
     # Long enough (ignore_eos) that the stream is still generating while the other requests load and evict;
     # a short answer can finish server-side, into the socket buffers, before the client reads its first line.
-    body = {"model": name, "messages": QUESTION, "max_tokens": 256, "ignore_eos": True, "temperature": 0, "seed": 0}
+    body = {"model": name, "messages": QUESTION, "max_tokens": 128, "ignore_eos": True, "temperature": 0, "seed": 0}
     answer = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
     expected = answer.json()["choices"][0]["message"]["content"]
 

@@ -44,7 +44,7 @@ def test_affinity_keeps_an_adapter_on_its_replica_and_spreads_it_when_saturated(
         assert replicas(gateway.url)["r1"]["adapters_loaded"] == []
 
         # Long enough (no early EOS) that it is still generating when the next request is placed.
-        body = {"model": unique_name, "messages": QUESTION, "max_tokens": 256, "ignore_eos": True, "stream": True}
+        body = {"model": unique_name, "messages": QUESTION, "max_tokens": 128, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=120) as held:
             assert held.headers["x-quiver-replica"] == "r0"
             # r0 has one request in flight, its saturation point: the hot adapter spreads to r1.

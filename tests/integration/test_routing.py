@@ -243,7 +243,7 @@ def test_overloaded_replica_falls_back(routed: Settings, vllm: VllmServer) -> No
     )
     with running_gateway(busy) as gateway:
         # Long enough (no early EOS) that it still holds the replica when the second request is placed.
-        body = {"model": "base", "messages": QUESTION, "max_tokens": 256, "ignore_eos": True, "stream": True}
+        body = {"model": "base", "messages": QUESTION, "max_tokens": 64, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=120) as held:
             assert held.headers["x-quiver-served-by"] == embedded.SERVED_NAME
             # The first request holds the replica's only place until its stream is read to the end.

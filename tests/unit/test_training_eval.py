@@ -99,7 +99,8 @@ def test_each_system_gets_its_prompt_and_failures_score_zero(tmp_path: Path) -> 
             http_client=httpx.AsyncClient(transport=httpx.MockTransport(answer)),
         )  # fmt: skip
         evaluator = Evaluator(client, console=quiet())
-        return await _evaluate(evaluator, "bot@v1", test, train, TaskSpec("json_field_accuracy", "Triage."), 2, 0, True)
+        spec = TaskSpec("json_field_accuracy", "Triage.")
+        return await _evaluate(evaluator, "bot@v1", test, train, spec, 2, 0, len(QUESTIONS))
 
     report = asyncio.run(run())
     adapter, *_ = seen["bot@v1"]
@@ -159,7 +160,7 @@ def test_an_eval_whose_requests_fail_makes_no_report() -> None:
         )  # fmt: skip
         train = [chat(("user", "a"), ("assistant", "b")), chat(("user", "c"), ("assistant", "d"))]
         test = [Case(None, (Message("user", "a?"),), "b")]
-        return await _evaluate(Evaluator(client, console=quiet()), "bot@v1", test, train, TaskSpec(), 1, 0, False)
+        return await _evaluate(Evaluator(client, console=quiet()), "bot@v1", test, train, TaskSpec(), 1, 0, 0)
 
     with pytest.raises(UpstreamError, match=r"1 of 1 requests for adapter failed \(e.g. Connection error.\)") as caught:
         asyncio.run(run())
