@@ -13,7 +13,7 @@ with the same requests, so drift on the machine hits both alike. Sections:
 - registry scale: 10,000 versions (``loadtest.registry_scale``);
 - gateway memory: RSS after warm-up vs after every gateway section.
 
-``--gpu`` runs the same sections with a bigger model on CUDA (see ``GpuProfile``).
+``--gpu`` runs the same sections with a bigger model on CUDA (see ``GPU_PROFILE``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ Formats, detected per file from its records' keys (every record of a file must b
 
 Files are JSON Lines (``.jsonl``, one record a line, blank lines allowed) or a JSON array (``.json``).
 Every malformed record is reported with the file, its 1-based line and what is wrong, all in one
-``DataError``; nothing is skipped. Extra keys such as ``id`` are ignored, but keys that would change
+``DataError``; nothing is skipped. A record's ``weight`` (a whole number, default 1) is how many times it
+counts in training; 0 leaves it out. Extra keys such as ``id`` are ignored, but keys that would change
 what is trained and that Quiver does not train on (tools, per-message weights, ``history``) are refused.
 """
 
@@ -425,6 +426,9 @@ def _weight(obj: Mapping[str, object]) -> float:
         raise _Bad(f"'weight' must be a number, not {_json_type(value)}")
     if not math.isfinite(value) or value < 0:
         raise _Bad(f"'weight' must be a finite number >= 0, not {value}")
+    if value != int(value):
+        # Whole weights are exact as repetition; a fractional loss weight would need a trainer of our own.
+        raise _Bad(f"'weight' must be a whole number (an example counts that many times; 0 leaves it out), not {value}")
     return float(value)
 
 

@@ -83,7 +83,7 @@ class RichProgress(TrainerCallback):
         if "eval_loss" in logs:
             self._val_loss = f"{float(logs['eval_loss']):.4f}"
         self._progress.update(self._task, loss=self._loss, val_loss=self._val_loss)
-        if not self.console.is_terminal:
+        if not self.console.is_terminal and ("loss" in logs or "eval_loss" in logs):
             # A live bar only draws on a terminal; a log file or a pipe gets a line per logged loss instead.
             task = self._progress.tasks[0]
             eta = f"{task.time_remaining:.0f} s" if task.time_remaining is not None else "-"

@@ -28,6 +28,11 @@ def chat_row(example: ChatExample) -> dict[str, Any]:
     return {"messages": [m.to_dict() for m in example.messages]}
 
 
+def chat_rows(examples: Sequence[ChatExample]) -> list[dict[str, Any]]:
+    """The trainer's rows: each example as many times as its (whole) weight says, so weight 0 leaves it out."""
+    return [chat_row(e) for e in examples for _ in range(int(e.weight))]
+
+
 def pair_row(example: PreferenceExample) -> dict[str, Any]:
     """A preference pair in TRL's conversational form."""
     return {
@@ -81,5 +86,5 @@ def train(
     if config.method == "dpo":
         rows = [pair_row(e) for e in train_set], [pair_row(e) for e in val_set]
         return train_dpo(config, *rows, data_files=files, resume=resume, console=console, callbacks=callbacks)
-    rows = [chat_row(e) for e in train_set], [chat_row(e) for e in val_set]
+    rows = chat_rows(train_set), chat_rows(val_set)
     return train_sft(config, *rows, data_files=files, resume=resume, console=console, callbacks=callbacks)

@@ -44,6 +44,7 @@ def test_merged_deployment_takes_traffic_and_gives_it_back_without_a_failed_requ
         with Registry.open(settings.registry_url, settings.adapter_store) as registry:
             [deployment] = registry.deployments()
         pid = deployment.pid
+        removed = False
         assert pid is not None and deployment.served_model == lora
         try:
             # The CLI has exited; its vLLM serves the merged directory under name@vN, with LoRA off.
@@ -82,6 +83,7 @@ def test_merged_deployment_takes_traffic_and_gives_it_back_without_a_failed_requ
             worker.start()
             try:
                 quiver(settings, "deploy", "rm", lora)
+                removed = True
                 wait_until(lambda: lora in served, timeout_s=60, what="traffic back on the LoRA pool")
             finally:
                 stop.set()
@@ -92,9 +94,10 @@ def test_merged_deployment_takes_traffic_and_gives_it_back_without_a_failed_requ
             assert not running(pid)
             assert not port_in_use("127.0.0.1", int(deployment.url.rsplit(":", 1)[1]))
         finally:
-            subprocess.run(
-                [sys.executable, "-m", "quiver.cli", "deploy", "rm", lora],
-                env=dict(os.environ, QUIVER_DATA_DIR=str(settings.data_dir)),
-                capture_output=True,
-                timeout=120,
-            )
+            if not removed:  # the test failed before `deploy rm`: do not leave its vLLM running
+                subprocess.run(
+                    [sys.executable, "-m", "quiver.cli", "deploy", "rm", lora],
+                    env=dict(os.environ, QUIVER_DATA_DIR=str(settings.data_dir)),
+                    capture_output=True,
+                    timeout=120,
+                )

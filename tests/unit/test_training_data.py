@@ -222,6 +222,7 @@ MALFORMED = {
     "weight not a number": ({**CHAT, "weight": "high"}, "'weight' must be a number, not a string"),
     "weight negative": ({**CHAT, "weight": -1}, "'weight' must be a finite number >= 0"),
     "weight boolean": ({**CHAT, "weight": True}, "'weight' must be a number, not a boolean"),
+    "weight fractional": ({**CHAT, "weight": 0.5}, "'weight' must be a whole number"),
     "tools": ({**CHAT, "tools": []}, "'tools': tool definitions are not supported"),
     "per-message weight": (
         {"messages": [USER, {**ASSISTANT, "weight": 0}]},
@@ -517,3 +518,16 @@ def test_near_duplicate_search_misses_nothing_brute_force_finds(threshold: float
     expected = _brute_force_leaks(train, val, threshold)
     assert 0 < len(expected) < len(val)
     assert {overlap.index for overlap in report.leaked("val")} == expected
+
+
+def test_a_weight_counts_an_example_that_many_times_and_zero_leaves_it_out(tmp_path: Path) -> None:
+    from training.train import chat_rows
+
+    path = tmp_path / "weighted.jsonl"
+    records = [
+        {"messages": [USER, {"role": "assistant", "content": content}], "weight": weight}
+        for content, weight in (("twice", 2), ("never", 0), ("once", 1))
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows = chat_rows(load_examples(path).chat_examples())
+    assert [row["messages"][-1]["content"] for row in rows] == ["twice", "twice", "once"]
