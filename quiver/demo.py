@@ -114,7 +114,8 @@ def run(settings: Settings, base_dir: Path, out: Path, console: Console) -> dict
     console.print(f"demo task written to {data.train.parent} (train/val/test + dataset_spec.json)")
     config = TrainConfig(
         base_model=base_dir,
-        output_dir=out / DEMO_ADAPTER,
+        # A run of its own each time: an earlier run's adapter is already pushed, and training never overwrites.
+        output_dir=out / f"{DEMO_ADAPTER}-{time.strftime('%Y%m%d-%H%M%S')}",
         max_lora_rank=settings.max_lora_rank,
         **DEMO_RECIPE,
     )
