@@ -33,7 +33,7 @@ DEMO_RECIPE: dict[str, Any] = {
 DEMO_SIZES = {"n_train": 1000, "n_val": 100, "n_test": 200}
 # General requests answered by the base itself, mixed into training against forgetting (each REPLAY_COPIES times).
 REPLAY_PROMPTS = 52
-REPLAY_COPIES = 6
+REPLAY_COPIES = 3
 
 
 class DemoFailed(QuiverError):
