@@ -118,7 +118,7 @@ async def test_token_limits_count_the_prompt_with_the_models_tokenizer_or_tiktok
     assert len(ids) != frontier  # the two counts differ, so the test tells which one was charged
     limiter = RateLimiter.create(None, PromptMeter(base_model_dir), Metrics())
     for tenant, on_frontier, prompt_tokens in (("acme", False, len(ids)), ("globex", True, frontier)):
-        principal = Principal("k", tenant, frozenset({INFERENCE}), key_limits=Limits(tokens_per_min=1000))
+        principal = Principal(f"k-{tenant}", tenant, frozenset({INFERENCE}), key_limits=Limits(tokens_per_min=1000))
         headers = await limiter.admit(principal, payload, frontier=on_frontier)
         assert headers["x-ratelimit-remaining-tokens"] == str(1000 - prompt_tokens - 50)
     await limiter.aclose()
