@@ -110,7 +110,7 @@ def run(base: Path, out_dir: Path, console: Console, *, steps: int = 3, rounds: 
 
     from training.data import load_examples
     from training.demo import write_demo
-    from training.train import chat_row
+    from training.train import chat_rows
 
     if steps < 1 or rounds < 1:
         raise ValueError("steps and rounds must be at least 1")
@@ -119,7 +119,7 @@ def run(base: Path, out_dir: Path, console: Console, *, steps: int = 3, rounds: 
     with _no_progress_bars(), tempfile.TemporaryDirectory(prefix="quiver-bench-training-") as tmp:
         work = Path(tmp)
         demo = write_demo(work / "demo", n_train=DEMO_TRAIN, n_val=DEMO_VAL, n_test=1)
-        rows = [chat_row(e) for e in load_examples(demo.train).chat_examples()]
+        rows = chat_rows(load_examples(demo.train).chat_examples())
         for r in range(rounds):
             for side in SIDES if r % 2 == 0 else SIDES[::-1]:
                 out = work / f"{side}-{r}"
