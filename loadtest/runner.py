@@ -17,7 +17,8 @@ import subprocess
 import sys
 import time
 import urllib.error
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -227,7 +228,7 @@ def run(test: LoadTest, console: Console, err: Console) -> int:
     web_port = free_port() if test.web else None
     env = dict(os.environ) | test.options.to_env()
     sampler = Sampler(test.host, test.out / SAMPLES)
-    with (test.out / LOCUST_LOG).open("w") as log:
+    with (test.out / LOCUST_LOG).open("w") as log, _interruptible():
         sampler.take()
         locust = subprocess.Popen(test.locust_command(web_port), env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -274,12 +275,40 @@ def _watch(locust: subprocess.Popen[bytes], test: LoadTest, sampler: Sampler, er
                 except subprocess.TimeoutExpired:
                     status.update(f"{what}; {_progress(sampler.take())}")
         except KeyboardInterrupt:
-            # The terminal sent SIGINT to locust too; only nudge it when it did not.
-            try:
-                return locust.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                locust.send_signal(signal.SIGINT)
-                return locust.wait()
+            status.update(f"stopping locust (it writes its reports); log: {test.out / LOCUST_LOG}")
+            return _stop(locust)
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt here, even where SIGINT came in ignored (a shell's background job)."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop(locust: subprocess.Popen[bytes]) -> int:
+    """Locust's exit code once it stopped: SIGINT first (unless the terminal's reached it), then SIGTERM.
+
+    Locust writes its CSVs and HTML report on either. A locust that started with SIGINT ignored only
+    answers SIGTERM; one that answers neither is killed by the caller's ``finally``.
+    """
+    try:
+        return locust.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    for sig, wait_s in ((signal.SIGINT, 10), (signal.SIGTERM, STOP_TIMEOUT_S + 10)):
+        locust.send_signal(sig)
+        try:
+            return locust.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+    locust.kill()
+    return locust.wait()
 
 
 def _progress(sample: Sample) -> str:

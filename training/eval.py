@@ -134,9 +134,10 @@ def _messages(system: str | None, *turns: Sequence[Message]) -> list[dict[str, s
 
 @dataclass
 class SystemScores:
-    """One system's per-example scores and how many requests failed."""
+    """One system's per-example scores, its answers by job index, and how many requests failed."""
 
     scores: list[float] = field(default_factory=list)
+    answers: dict[int, str] = field(default_factory=dict)
     errors: int = 0
     first_error: str = ""
 
@@ -182,23 +183,36 @@ class Evaluator:
         progress: Progress,
         label: str,
         max_tokens: int | None = None,
+        one_at_a_time: bool = False,
     ) -> SystemScores:
-        """Ask each (model, messages, scorer) and collect the scores; errors are counted, not raised."""
+        """Ask each (model, messages, scorer) and collect the scores; errors are counted, not raised.
+
+        ``one_at_a_time``: in order, each request alone in vLLM's batch. Greedy answers in bf16 depend on what
+        else is in the batch; alone, the same model gives the same answers every run.
+        """
         task = progress.add_task(label, total=len(jobs))
         result = SystemScores()
 
-        async def one(model: str, messages: list[dict[str, str]], scorer: Callable[[str], float]) -> None:
+        async def one(i: int, model: str, messages: list[dict[str, str]], scorer: Callable[[str], float]) -> None:
             try:
-                result.scores.append(scorer(await self.answer(model, messages, max_tokens or self.max_tokens)))
+                result.answers[i] = await self.answer(model, messages, max_tokens or self.max_tokens)
+                result.scores.append(scorer(result.answers[i]))
             except openai.APIError as exc:
                 result.errors += 1
                 result.first_error = result.first_error or str(exc)
             finally:
                 progress.advance(task)
 
-        await asyncio.gather(*(one(*job) for job in jobs))
+        if one_at_a_time:
+            for i, job in enumerate(jobs):
+                await one(i, *job)
+        else:
+            await asyncio.gather(*(one(i, *job) for i, job in enumerate(jobs)))
         if result.errors:
             self.console.print(f"[yellow]{label}: {result.errors} requests failed, e.g. {result.first_error}[/]")
+        if not progress.console.is_terminal:
+            # The bar only draws on a terminal; a log file or a pipe gets a line per system instead.
+            progress.console.print(f"{label}: {len(jobs)} asked, {result.points:.1f} points", highlight=False)
         return result
 
 
@@ -262,8 +276,10 @@ async def _evaluate(
                     (target, _messages(None, [Message("user", q)]), _probe_scorer(accepted))
                     for q, accepted in QUESTIONS[:probe]
                 ]
+                # One at a time: a few answers flip with the batch they share, and the probe's
+                # base-to-adapter difference is a few answers.
                 probes[label] = await evaluator.score(
-                    jobs, progress, f"general probe: {label}", max_tokens=PROBE_MAX_TOKENS
+                    jobs, progress, f"general probe: {label}", max_tokens=PROBE_MAX_TOKENS, one_at_a_time=True
                 )
     for name, result in (*results.items(), *probes.items()):
         failed = result.errors / max(1, result.errors + len(result.scores))
@@ -295,6 +311,11 @@ async def _evaluate(
             "base": probes["base"].points,
             "adapter": probes["adapter"].points,
             "delta": round(probes["adapter"].points - probes["base"].points, 2),
+            # What forgetting looks like: each question's answers, to read where the two differ.
+            "answers": [
+                {"question": q, "base": probes["base"].answers.get(i), "adapter": probes["adapter"].answers.get(i)}
+                for i, (q, _) in enumerate(QUESTIONS[:probe])
+            ],
         }
     return report
 

@@ -91,6 +91,7 @@ class RichProgress(TrainerCallback):
                 f"{self.description}: step {state.global_step}/{state.max_steps} loss {self._loss} "
                 f"val {self._val_loss} {self._speed(state)} tok/s ETA {eta}",
                 highlight=False,
+                soft_wrap=True,  # one line per step, however narrow the console thinks it is
             )
 
     def on_train_end(

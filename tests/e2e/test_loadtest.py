@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -168,3 +170,34 @@ def test_a_failing_scenario_exits_non_zero_with_the_error_message(runs: dict[str
     errors = (run.out / "locust_failures.csv").read_text()
     assert "404: model 'rag:no-such-collection' does not exist" in errors  # the gateway's error message
     assert "Failures" in run.output
+
+
+def test_web_mode_ends_on_ctrl_c_even_when_started_with_sigint_ignored(target: Target, tmp_path: Path) -> None:
+    # A job a shell starts in the background has SIGINT ignored, and its children inherit that: locust too.
+    command = [sys.executable, "-m", "quiver.cli", "loadtest", "--scenario", "base", "--host", target.url, "--web"]
+    process = subprocess.Popen(
+        [*command, "--users", "1", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    try:
+        locust = _wait_for_web_ui(process, tmp_path / "locust.log")
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=90)
+    finally:
+        process.kill()
+    assert "locust's web UI: http://127.0.0.1:" in output, output
+    assert not Path(f"/proc/{locust}").exists(), "locust outlived the run"
+
+
+def _wait_for_web_ui(process: subprocess.Popen[str], log: Path, timeout_s: float = 120) -> int:
+    """Locust's pid once its log says the web UI is up."""
+    deadline = time.monotonic() + timeout_s
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0]
+        pids = children.read_text().split() if children.exists() else []
+        if pids and log.is_file() and "Starting web interface" in log.read_text():
+            return int(pids[0])
+        time.sleep(0.5)
+    raise AssertionError(f"locust's web UI did not start in {timeout_s} s: {log.read_text() if log.is_file() else ''}")

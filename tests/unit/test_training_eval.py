@@ -119,6 +119,13 @@ def test_each_system_gets_its_prompt_and_failures_score_zero(tmp_path: Path) -> 
     # "four (Paris)" answers two probe questions; one of them failed on the base, and counts as wrong.
     assert report["probe"]["adapter"] == 0.0
     assert report["probe"]["base"] == round(100 / len(QUESTIONS), 2)
+    # Each question's answers are kept, in question order; the failed request has none.
+    answers = report["probe"]["answers"]
+    assert [a["question"] for a in answers] == [q for q, _ in QUESTIONS]
+    assert answers[0] == {
+        "question": QUESTIONS[0][0], "base": "The answer is four (Paris).", "adapter": '{"category": "billing"}'
+    }  # fmt: skip
+    assert next(a for a in answers if a["question"] == "What is 2 plus 2?")["base"] is None
     assert report["errors"] == {"adapter": 0, "base_prompt": 0, "few_shot": 0, "rag": 0}
 
 
