@@ -254,17 +254,29 @@ async def create_job(body: FineTuningJobCreate, gateway: GatewayDep, fine_tuning
     return job_public(job)
 
 
+async def seen_models(gateway: Gateway, jobs: list[Job]) -> None:
+    """Refresh the registry view when a job shown has a model: the worker pushed it from another process,
+    and a client told ``succeeded`` may ask this gateway for that model in its very next request."""
+    if any(j.fine_tuned_model for j in jobs):
+        await gateway.registry.refresh()
+
+
 @router.get("", response_model=FineTuningJobList)
-async def list_jobs(fine_tuning: FineTuningDep, after: str | None = None, limit: Limit = 20) -> FineTuningJobList:
+async def list_jobs(
+    gateway: GatewayDep, fine_tuning: FineTuningDep, after: str | None = None, limit: Limit = 20
+) -> FineTuningJobList:
     """Jobs, newest first; ``after`` is the last id of the previous page."""
     page = await fine_tuning.call(lambda: fine_tuning.jobs.list_jobs(after=after, limit=limit))
+    await seen_models(gateway, page.items)
     return FineTuningJobList(data=[job_public(j) for j in page.items], has_more=page.has_more)
 
 
 @router.get("/{job_id}", response_model=FineTuningJobPublic)
-async def get_job(job_id: str, fine_tuning: FineTuningDep) -> FineTuningJobPublic:
+async def get_job(job_id: str, gateway: GatewayDep, fine_tuning: FineTuningDep) -> FineTuningJobPublic:
     """One job, or 404."""
-    return job_public(await fine_tuning.call(fine_tuning.jobs.get, job_id))
+    job = await fine_tuning.call(fine_tuning.jobs.get, job_id)
+    await seen_models(gateway, [job])
+    return job_public(job)
 
 
 @router.get("/{job_id}/events", response_model=JobEventList)
@@ -289,10 +301,12 @@ async def list_events(
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
 async def list_checkpoints(
-    job_id: str, fine_tuning: FineTuningDep, after: str | None = None, limit: Limit = 10
+    job_id: str, gateway: GatewayDep, fine_tuning: FineTuningDep, after: str | None = None, limit: Limit = 10
 ) -> CheckpointList:
     """A job's checkpoints, newest first; each is servable under its ``fine_tuned_model_checkpoint``."""
     page = await fine_tuning.call(lambda: fine_tuning.jobs.checkpoints(job_id, after=after, limit=limit))
+    if page.items:
+        await gateway.registry.refresh()
     data = [checkpoint_public(c) for c in page.items]
     return CheckpointList(
         data=data,

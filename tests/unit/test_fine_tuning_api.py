@@ -16,8 +16,10 @@ import pytest
 from fastapi import FastAPI
 from openai import AsyncOpenAI
 
+from adapters import Registry
 from gateway import Settings, create_app
 from tests.factories import chat_jsonl, preference_jsonl
+from training.jobs import JobStore
 from training.worker import pid_alive
 
 BASE = "m"
@@ -194,6 +196,33 @@ async def test_a_dpo_job_takes_preference_pairs_and_beta(client: AsyncOpenAI, ap
     with pytest.raises(openai.BadRequestError) as caught:
         await client.fine_tuning.jobs.create(model=BASE, training_file=pairs)
     assert "preference pairs, which train with method type 'dpo'" in caught.value.message
+
+
+async def test_a_job_read_as_succeeded_sees_what_the_worker_pushed(tmp_path: Path) -> None:
+    # The worker pushes from another process; the gateway's poll for outside writes is made slow here, so only
+    # the job read itself can make the pushed version visible to the client's next request.
+    settings = Settings(
+        data_dir=tmp_path, base_model=BASE, health_interval_s=3600, registry_refresh_s=3600, fine_tuning_workers=0
+    )
+    app = create_app(settings, transport=httpx.MockTransport(fake_vllm))
+    async with app.router.lifespan_context(app):
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gateway")
+        async with AsyncOpenAI(base_url="http://gateway/v1", api_key="-", http_client=http, max_retries=0) as client:
+            job = await client.fine_tuning.jobs.create(model=BASE, training_file=await upload(client, chat_jsonl(16)))
+            assert await validated(app, client, job.id) == "queued"
+            view = app.state.gateway.registry
+            elsewhere = Registry.open(settings.registry_url, settings.adapter_store)
+            jobs = JobStore.open(settings.registry_url, settings.data_dir)
+            try:
+                assert jobs.claim("worker:1") is not None
+                elsewhere.create_key("acme", ["inference"])  # stands in for the push: any write moves the revision
+                jobs.succeed(job.id, "worker:1", fine_tuned_model="ft:m::x", trained_tokens=1, result_files=[])
+                assert view.catalog.revision < elsewhere.revision()
+                assert (await client.fine_tuning.jobs.retrieve(job.id)).status == "succeeded"
+                assert view.catalog.revision == elsewhere.revision()
+            finally:
+                jobs.close()
+                elsewhere.close()
 
 
 async def test_the_gateway_runs_its_workers_and_stops_them_with_it(tmp_path: Path, tiny_base: Path) -> None:
