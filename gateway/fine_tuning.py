@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -254,7 +254,7 @@ async def create_job(body: FineTuningJobCreate, gateway: GatewayDep, fine_tuning
     return job_public(job)
 
 
-async def seen_models(gateway: Gateway, jobs: list[Job]) -> None:
+async def seen_models(gateway: Gateway, jobs: Sequence[Job]) -> None:
     """Refresh the registry view when a job shown has a model: the worker pushed it from another process,
     and a client told ``succeeded`` may ask this gateway for that model in its very next request."""
     if any(j.fine_tuned_model for j in jobs):
