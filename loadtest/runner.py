@@ -295,7 +295,7 @@ def _stop(locust: subprocess.Popen[bytes]) -> int:
     """Locust's exit code once it stopped: SIGINT first (unless the terminal's reached it), then SIGTERM.
 
     Locust writes its CSVs and HTML report on either. A locust that started with SIGINT ignored only
-    answers SIGTERM; one that answers neither is killed by the caller's ``finally``.
+    answers SIGTERM; one that answers neither is killed.
     """
     try:
         return locust.wait(timeout=5)
