@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -31,18 +32,32 @@ def fake_vllm(request: httpx.Request) -> httpx.Response:
     return httpx.Response(404)
 
 
-@pytest.fixture
-async def app(tmp_path: Path) -> AsyncIterator[FastAPI]:
-    settings = Settings(data_dir=tmp_path, base_model=BASE, health_interval_s=3600, fine_tuning_workers=0)
+@asynccontextmanager
+async def started(settings: Settings) -> AsyncIterator[FastAPI]:
+    """A gateway app with its lifespan run, in front of the mocked vLLM."""
     app = create_app(settings, transport=httpx.MockTransport(fake_vllm))
     async with app.router.lifespan_context(app):
         yield app
 
 
-@pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[AsyncOpenAI]:
+@asynccontextmanager
+async def openai_client(app: FastAPI) -> AsyncIterator[AsyncOpenAI]:
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gateway")
     async with AsyncOpenAI(base_url="http://gateway/v1", api_key="unused", http_client=http, max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture
+async def app(tmp_path: Path) -> AsyncIterator[FastAPI]:
+    async with started(
+        Settings(data_dir=tmp_path, base_model=BASE, health_interval_s=3600, fine_tuning_workers=0)
+    ) as app:
+        yield app
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[AsyncOpenAI]:
+    async with openai_client(app) as c:
         yield c
 
 
@@ -204,33 +219,29 @@ async def test_a_job_read_as_succeeded_sees_what_the_worker_pushed(tmp_path: Pat
     settings = Settings(
         data_dir=tmp_path, base_model=BASE, health_interval_s=3600, registry_refresh_s=3600, fine_tuning_workers=0
     )
-    app = create_app(settings, transport=httpx.MockTransport(fake_vllm))
-    async with app.router.lifespan_context(app):
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gateway")
-        async with AsyncOpenAI(base_url="http://gateway/v1", api_key="-", http_client=http, max_retries=0) as client:
-            job = await client.fine_tuning.jobs.create(model=BASE, training_file=await upload(client, chat_jsonl(16)))
-            assert await validated(app, client, job.id) == "queued"
-            view = app.state.gateway.registry
-            elsewhere = Registry.open(settings.registry_url, settings.adapter_store)
-            jobs = JobStore.open(settings.registry_url, settings.data_dir)
-            try:
-                assert jobs.claim("worker:1") is not None
-                elsewhere.create_key("acme", ["inference"])  # stands in for the push: any write moves the revision
-                jobs.succeed(job.id, "worker:1", fine_tuned_model="ft:m::x", trained_tokens=1, result_files=[])
-                assert view.catalog.revision < elsewhere.revision()
-                assert (await client.fine_tuning.jobs.retrieve(job.id)).status == "succeeded"
-                assert view.catalog.revision == elsewhere.revision()
-            finally:
-                jobs.close()
-                elsewhere.close()
+    async with started(settings) as app, openai_client(app) as client:
+        job = await client.fine_tuning.jobs.create(model=BASE, training_file=await upload(client, chat_jsonl(16)))
+        assert await validated(app, client, job.id) == "queued"
+        view = app.state.gateway.registry
+        elsewhere = Registry.open(settings.registry_url, settings.adapter_store)
+        jobs = JobStore.open(settings.registry_url, settings.data_dir)
+        try:
+            assert jobs.claim("worker:1") is not None
+            elsewhere.create_key("acme", ["inference"])  # stands in for the push: any write moves the revision
+            jobs.succeed(job.id, "worker:1", fine_tuned_model="ft:m::x", trained_tokens=1, result_files=[])
+            assert view.catalog.revision < elsewhere.revision()
+            assert (await client.fine_tuning.jobs.retrieve(job.id)).status == "succeeded"
+            assert view.catalog.revision == elsewhere.revision()
+        finally:
+            jobs.close()
+            elsewhere.close()
 
 
 async def test_the_gateway_runs_its_workers_and_stops_them_with_it(tmp_path: Path, tiny_base: Path) -> None:
     settings = Settings(
         data_dir=tmp_path, base_model=BASE, base_model_path=tiny_base, health_interval_s=3600, fine_tuning_workers=2
     )
-    app = create_app(settings, transport=httpx.MockTransport(fake_vllm))
-    async with app.router.lifespan_context(app):
+    async with started(settings) as app:
         pids = app.state.fine_tuning.workers.pids
         assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
     assert not any(pid_alive(pid) for pid in pids), "stopped with the gateway"
