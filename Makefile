@@ -7,7 +7,7 @@ VENV := .venv
 up: setup  ## Set up on first run, then serve the gateway on :8000 with vLLM behind it
 	$(VENV)/bin/quiver up
 
-test: setup-dev  ## Set up what the tests need, then run the whole suite
+test: setup-dev lint  ## Set up what the tests need, check the code (make lint), then run the whole suite
 	$(VENV)/bin/quiver model prepare >/dev/null
 	scripts/test.sh
 
@@ -17,9 +17,13 @@ bench: setup-dev  ## Every comparison side by side in one run (see BENCHMARKS.md
 demo-adapter: setup-dev  ## Train the demo adapter (support triage), evaluate it against the baselines, push it
 	$(VENV)/bin/quiver demo
 
-lint: setup-dev
-	$(VENV)/bin/ruff check quiver gateway adapters training loadtest tests
-	$(VENV)/bin/mypy gateway adapters
+PACKAGES := core adapters access jobs trainingdata gateway training loadtest quiver
+
+lint: setup-dev  ## ruff (check and format), mypy --strict on every package, the layer contracts (import-linter)
+	$(VENV)/bin/ruff check $(PACKAGES) tests
+	$(VENV)/bin/ruff format --check $(PACKAGES) tests
+	$(VENV)/bin/mypy $(PACKAGES)
+	$(VENV)/bin/lint-imports
 
 setup:
 	@scripts/bootstrap.sh runtime

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from quiver.errors import InvalidArchive, PayloadTooLarge
+from core.errors import InvalidArchive, PayloadTooLarge
 
 _GiB = 1024**3
 _CHUNK = 1024 * 1024

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from quiver.errors import InvalidRequest, ModelNotFound
+from core.errors import InvalidRequest, ModelNotFound
 
 # ``name@v3`` names a version; every other ``name@x`` an alias (aliases never look like this).
 VERSION_REF = re.compile(r"v[0-9]+")

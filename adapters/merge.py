@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from adapters.catalog import MERGE_FILE, AdapterVersion
 from adapters.store import delete_tree, fsync, seal
-from quiver.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 # Short, varied chat turns: facts, arithmetic, code, instructions, open-ended text.
 GOLDEN_PROMPTS = (

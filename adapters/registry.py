@@ -19,7 +19,10 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, Row, RowMapping, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from adapters import db, keys
+from access import keys
+from access.keys import ApiKey, KeyRing, NewKey, Tenant
+from access.usage import UsageRow
+from adapters import db
 from adapters.archive import UploadLimits, extract_archive
 from adapters.catalog import (
     MERGE_FILE,
@@ -32,13 +35,11 @@ from adapters.catalog import (
     Merge,
     lora_name,
 )
-from adapters.keys import ApiKey, KeyRing, NewKey, Tenant
 from adapters.promotion import DEFAULT_MARGIN, PROMOTED_ALIASES, promotion_refusal
 from adapters.spec import BaseModelSpec
 from adapters.store import LocalStore, delete_tree, digest
-from adapters.usage import UsageRow
 from adapters.validation import AdapterInfo, adapter_files, validate_adapter_dir
-from quiver.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
+from core.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 
 T = TypeVar("T")
 

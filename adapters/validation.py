@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from adapters.spec import BaseModelSpec
-from quiver.errors import InvalidAdapter
+from core.errors import InvalidAdapter
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

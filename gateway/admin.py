@@ -13,8 +13,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
+from access.keys import ADAPTERS_WRITE, INFERENCE, TENANT_RULE
 from adapters import Adapter, AdapterVersion, Deployment, parse_lora_name
-from adapters.keys import ADAPTERS_WRITE, INFERENCE, TENANT_RULE
+from core.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway.auth import Principal, requires
 from gateway.deps import Gateway, GatewayDep
 from gateway.protocol import (
@@ -31,7 +32,6 @@ from gateway.protocol import (
     VersionPublic,
 )
 from gateway.uploads import check_length, form_schema, spool
-from quiver.errors import InvalidRequest, NotFound, PermissionDenied
 
 Reader = Annotated[Principal, Depends(requires(INFERENCE, ADAPTERS_WRITE))]
 Writer = Annotated[Principal, Depends(requires(ADAPTERS_WRITE))]

@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from adapters import BaseModelSpec, Registry
+from core.embeddings import Embedder
+from core.errors import QuiverError
 from gateway import admin, files, fine_tuning, routes
 from gateway.auth import Authenticator
 from gateway.auto import SemanticRouter
@@ -40,8 +42,6 @@ from gateway.settings import Settings
 from gateway.tokens import PromptMeter
 from gateway.upstream import VllmReplica
 from gateway.usage import UsageMeter
-from quiver.embeddings import Embedder
-from quiver.errors import QuiverError
 
 log = logging.getLogger("quiver.gateway")
 

@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 
 from fastapi import Request
 
-from adapters.keys import ADMIN, SCOPES, ApiKey, KeyRing
-from quiver.errors import PermissionDenied, Unauthorized
+from access.keys import ADMIN, SCOPES, ApiKey, KeyRing
+from core.errors import PermissionDenied, Unauthorized
 
 ADMIN_KEY_ID = "admin"  # how the QUIVER_ADMIN_KEY shows in logs, usage and metrics
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import anyio.to_thread
 
 from adapters import Adapter, Catalog
-from quiver.embeddings import Embedder
+from core.embeddings import Embedder
 
 if TYPE_CHECKING:
     import numpy as np

@@ -12,10 +12,10 @@ import logging
 from collections.abc import Callable
 
 from adapters import Catalog
+from core.errors import QuiverError
 from gateway.metrics import Metrics
 from gateway.polling import poll
 from gateway.upstream import VllmReplica
-from quiver.errors import QuiverError
 
 log = logging.getLogger("quiver.deployments")
 

@@ -12,14 +12,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
-from adapters.keys import FINE_TUNE
+from access.keys import FINE_TUNE
+from core.errors import InvalidRequest
 from gateway.auth import requires
 from gateway.deps import GatewayDep
 from gateway.fine_tuning import FineTuningDep
 from gateway.protocol import FileDeleted, FileList, FilePublic
 from gateway.uploads import check_length, form_schema, spool
-from quiver.errors import InvalidRequest
-from training.files import PURPOSE_FINE_TUNE, FileStore, StoredFile, upload_name
+from jobs.files import PURPOSE_FINE_TUNE, FileStore, StoredFile, upload_name
 
 router = APIRouter(prefix="/v1/files", dependencies=[Depends(requires(FINE_TUNE))])
 

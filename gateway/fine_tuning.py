@@ -1,6 +1,6 @@
 """The fine-tuning jobs API (``/v1/fine_tuning/jobs``, OpenAI's shape) and its running parts in the gateway.
 
-Routes stay thin: jobs live in ``training.jobs.JobStore`` (SQL) and train in worker processes
+Routes stay thin: jobs live in ``jobs.queue.JobStore`` (SQL) and train in worker processes
 (``gateway.workers``). Here a new job's files are validated in a thread, off the event loop; jobs a
 stopped gateway left in ``validating_files`` are validated when the next one starts.
 """
@@ -17,7 +17,8 @@ from typing import Annotated, TypeVar
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Query, Request
 
-from adapters.keys import FINE_TUNE
+from access.keys import FINE_TUNE
+from core.errors import InvalidRequest, ModelNotFound, Unavailable
 from gateway.auth import requires
 from gateway.deps import Gateway, GatewayDep
 from gateway.protocol import (
@@ -39,9 +40,8 @@ from gateway.protocol import (
 )
 from gateway.settings import Settings
 from gateway.workers import WorkerPool
-from quiver.errors import InvalidRequest, ModelNotFound, Unavailable
-from training.jobs import Job, JobCheckpoint, JobSpec, JobStore, Method, resolve_hyperparameters
-from training.worker import WorkerConfig
+from jobs.queue import Job, JobCheckpoint, JobSpec, JobStore, Method, resolve_hyperparameters
+from jobs.workers import WorkerConfig
 
 log = logging.getLogger("quiver.fine_tuning")
 

@@ -14,9 +14,9 @@ from functools import cached_property
 
 import httpx
 
+from core.errors import Unavailable
 from gateway.policy import FrontierConfig
 from gateway.upstream import Upstream
-from quiver.errors import Unavailable
 
 log = logging.getLogger("quiver.frontier")
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import time
 
+from core.errors import QuiverError, Unavailable
 from gateway.metrics import Metrics
 from gateway.polling import poll
 from gateway.residency import Residency
 from gateway.upstream import VllmReplica
-from quiver.errors import QuiverError, Unavailable
 
 log = logging.getLogger("quiver.health")
 

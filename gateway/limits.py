@@ -21,10 +21,10 @@ from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from redis.asyncio import ConnectionPool
 
+from core.errors import RateLimited
 from gateway.auth import Principal
 from gateway.metrics import Metrics
 from gateway.tokens import PromptMeter, completion_budget
-from quiver.errors import RateLimited
 
 log = logging.getLogger("quiver.limits")
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from quiver.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 
 def invalid_request(errors: Sequence[Any]) -> InvalidRequest:

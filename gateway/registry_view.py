@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
+from access.keys import KeyRing
 from adapters import Catalog, Registry
-from adapters.keys import KeyRing
 from gateway.polling import poll
 
 log = logging.getLogger("quiver.registry")

@@ -16,10 +16,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from adapters import AdapterVersion
+from core.errors import QuiverError, Unavailable
 from gateway.hints import ResidencyHints
 from gateway.metrics import Metrics
 from gateway.upstream import VllmReplica
-from quiver.errors import QuiverError, Unavailable
 
 log = logging.getLogger("quiver.residency")
 

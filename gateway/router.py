@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from adapters import AdapterVersion, Catalog
+from core.errors import ModelNotFound, QuiverError, Unavailable
 from gateway.auth import OPEN, Principal
 from gateway.frontier import Frontier
 from gateway.policy import FRONTIER_PREFIX, RAG_PREFIX, RoutingPolicy
 from gateway.pool import Member, ReplicaPool
 from gateway.upstream import Upstream, VllmReplica
-from quiver.errors import ModelNotFound, QuiverError, Unavailable
 
 log = logging.getLogger("quiver.router")
 

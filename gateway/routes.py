@@ -11,12 +11,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.responses import Response
 
+from access.keys import INFERENCE
 from adapters import AdapterVersion, Catalog
-from adapters.keys import INFERENCE
+from core.errors import InvalidRequest, ModelNotFound
 from gateway.auth import OPEN, Principal, requires
 from gateway.deps import Gateway, GatewayDep, gateway_of
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, invalid_request
-from quiver.errors import InvalidRequest, ModelNotFound
 
 router = APIRouter()
 _INFERENCE = (INFERENCE,)

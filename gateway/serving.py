@@ -23,6 +23,7 @@ import httpx
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from core.errors import InvalidRequest, QuiverError, Unavailable, UpstreamTimeout
 from gateway.auth import OPEN, Principal
 from gateway.metrics import Metrics
 from gateway.pool import Member
@@ -38,7 +39,6 @@ from gateway.router import (
 )
 from gateway.tokens import PromptMeter
 from gateway.usage import UsageMeter
-from quiver.errors import InvalidRequest, QuiverError, Unavailable, UpstreamTimeout
 
 log = logging.getLogger("quiver.serving")
 

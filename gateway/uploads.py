@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
-from quiver.errors import LengthRequired, PayloadTooLarge
+from core.errors import LengthRequired, PayloadTooLarge
 
 # Multipart boundaries and the small form fields on top of the file itself.
 FORM_OVERHEAD = 64 * 1024

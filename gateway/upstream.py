@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import httpx
 
+from core.errors import InvalidRequest, QuiverError, Unavailable, UpstreamError, UpstreamTimeout
 from gateway.observability import Tracing, outbound_headers
-from quiver.errors import InvalidRequest, QuiverError, Unavailable, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("quiver.upstream")
 

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 import anyio.to_thread
 
+from access.usage import UsageRow
 from adapters import Registry
-from adapters.usage import UsageRow
 from gateway.auth import Principal
 from gateway.polling import poll
 

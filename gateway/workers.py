@@ -21,8 +21,8 @@ from typing import IO
 
 import anyio.to_thread
 
-from training.jobs import JobStore
-from training.worker import WorkerConfig, worker_name
+from jobs.queue import JobStore
+from jobs.workers import WORKER_MODULE, WorkerConfig, worker_name
 
 log = logging.getLogger("quiver.workers")
 
@@ -76,7 +76,7 @@ class WorkerPool:
         # The URL travels in the environment so that a database password never shows in `ps`.
         env = {**os.environ, "QUIVER_DATABASE_URL": self.config.database_url, "PYTHONUNBUFFERED": "1"}
         slot.process = subprocess.Popen(
-            [sys.executable, "-m", "training.worker", *self.config.args()],
+            [sys.executable, "-m", WORKER_MODULE, *self.config.args()],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=slot.log_file,

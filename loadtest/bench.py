@@ -25,9 +25,9 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from core import benchmarks
+from core.vllm_server import free_port
 from loadtest import instant_upstream
-from quiver import benchmarks
-from quiver.vllm_server import free_port
 
 MESSAGES = [{"role": "user", "content": "Say OK."}]
 TARGET_ADDED_P50_MS = 1.0
@@ -175,8 +175,8 @@ def run(vllm_url: str | None, rounds: int, requests: int, out_dir: Path, console
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="quiver-bench-") as tmp:
         work = Path(tmp)
         if vllm_url is None:
-            from quiver import embedded
-            from quiver.vllm_server import VllmServer
+            from core import embedded
+            from core.vllm_server import VllmServer
 
             server = VllmServer(
                 model=str(embedded.prepare(console=console)),

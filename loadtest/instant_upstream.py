@@ -90,8 +90,8 @@ def create_app() -> Starlette:
 
 def start(stack: ExitStack, work: Path) -> str:
     """Run the upstream in a process of its own on a free port until ``stack`` closes; its URL."""
+    from core.vllm_server import free_port
     from loadtest.bench import served_process
-    from quiver.vllm_server import free_port
 
     port = free_port()
     args = [sys.executable, "-m", "loadtest.instant_upstream", "--port", str(port)]

@@ -34,10 +34,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from core import benchmarks
+from core.vllm_server import free_port
 from loadtest.bench import served_process
 from loadtest.routing import Run, compare_placement, drive
-from quiver import benchmarks
-from quiver.vllm_server import free_port
 
 DEFAULT_MAX_TOKENS = 16
 TARGET_RATIO = 5.0

@@ -26,8 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from adapters import BaseModelSpec, Catalog, Registry
+from core import benchmarks
 from loadtest.bench import MESSAGES, Sample, start_gateway
-from quiver import benchmarks
 
 TARGET_P50_MS = 20.0
 HEADING = "Registry scale"
@@ -349,7 +349,7 @@ def report(result: Result, out_dir: Path, console: Console) -> Path:
 if __name__ == "__main__":
     import argparse
 
-    from quiver import embedded
+    from core import embedded
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=Layout.adapters)

@@ -32,8 +32,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from core import benchmarks
 from loadtest.bench import start_gateway
-from quiver import benchmarks
 
 PROMPTS = (
     "Write a short sentence about the sea.",
@@ -190,7 +190,7 @@ def start_vllm(
 ) -> Any:  # fmt: skip
     """Launch a vLLM for a benchmark (stopped when ``stack`` closes) without waiting for it: the caller waits,
     so two can start side by side. ``rank``: the bench adapters' rank, which vLLM pads every adapter to."""
-    from quiver.vllm_server import VllmServer, free_port
+    from core.vllm_server import VllmServer, free_port
 
     server = VllmServer(
         model=str(model),

@@ -28,9 +28,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import InvalidRequest, Unavailable
+from core.vllm_server import free_port
 from loadtest.scenarios import SCENARIOS, Offer, Options, fetch_offer
-from quiver.errors import InvalidRequest, Unavailable
-from quiver.vllm_server import free_port
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 CSV_PREFIX = "locust"

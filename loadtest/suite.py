@@ -35,9 +35,9 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from core import benchmarks
 from loadtest import routing
 from loadtest.bench import start_gateway
-from quiver import benchmarks
 
 TARGET_ADAPTER_VS_BASE = 0.8
 TARGET_MIXED_VS_BASE = 0.7

@@ -1,3 +1,3 @@
-"""Quiver: many LoRA adapters over one shared base model, behind the OpenAI API."""
+"""The `quiver` command line: the top layer, imported by nothing (see the README's architecture section)."""
 
 __version__ = "0.1.0"

@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from adapters.keys import INFERENCE, SCOPES
-from quiver.errors import QuiverError
+from access.keys import INFERENCE, SCOPES
+from core.errors import QuiverError
 
 if TYPE_CHECKING:
     from adapters import Registry

@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import InvalidRequest, QuiverError
 from quiver import access
-from quiver.errors import InvalidRequest, QuiverError
 
 if TYPE_CHECKING:
     from adapters import Registry
@@ -73,7 +73,7 @@ def up(
 @model_app.command("prepare")
 def model_prepare() -> None:
     """Convert the embedded model once (cached) and print its directory."""
-    from quiver import embedded
+    from core import embedded
 
     print(embedded.prepare(console=err))
 
@@ -97,7 +97,7 @@ def _served_settings() -> Settings:
 
 def _base_model(settings: Settings) -> tuple[Path | None, str | None]:
     """The base model's directory and served name: what ``quiver up`` serves, else the embedded model if prepared."""
-    from quiver import embedded
+    from core import embedded
 
     base_dir, base_name = settings.base_model_path, settings.base_model
     if base_dir is None and (embedded.model_dir() / "config.json").is_file():
@@ -272,8 +272,8 @@ def rag_ingest(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from core.embeddings import Embedder
     from gateway.rag import ChunkingConfig, ingest
-    from quiver.embeddings import Embedder
 
     bar = Progress(
         TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True
@@ -328,8 +328,8 @@ def rag_query(
     k: Annotated[int, typer.Option("-k", "--top-k", help="How many sources to show.")] = 4,
 ) -> None:
     """Show the chunks the RAG path would retrieve for TEXT, best first, with scores and sources."""
+    from core.embeddings import Embedder
     from gateway.rag import RagPath
-    from quiver.embeddings import Embedder
 
     index = _rag_index()
     try:
@@ -455,8 +455,8 @@ def deploy_merged(
     """
     import time
 
+    from core.vllm_server import free_port
     from quiver import deploy
-    from quiver.vllm_server import free_port
 
     settings = _served_settings()
     registry = _registry()
@@ -545,7 +545,7 @@ def train(
     push: Annotated[bool, typer.Option(help="Register the adapter as a new version of NAME.")] = False,
 ) -> None:
     """Train a LoRA/QLoRA adapter with TRL + PEFT (SFT or DPO) and optionally push it."""
-    from quiver import embedded
+    from core import embedded
     from training.config import TrainConfig
     from training.train import train as run_training
 
@@ -701,8 +701,8 @@ def demo(
     output: Annotated[Path, typer.Option(help="Runs directory for the data and the adapter.")] = Path("runs"),
 ) -> None:
     """Train the demo adapter (support triage) on this machine, evaluate it against the baselines, push it."""
+    from core import embedded
     from quiver import demo as demo_module
-    from quiver import embedded
 
     settings = _served_settings()
     base_dir = settings.base_model_path or embedded.prepare(console=err)
@@ -731,8 +731,8 @@ def bench(
     """Every serving comparison side by side in one run: gateway vs vLLM direct, adapters vs base, churn, cold
     start, naive transformers + PEFT, merged vs unmerged, registry scale, gateway memory. `--only training` and
     `--only routing` (affinity vs round-robin over two replicas) add the training and placement comparisons."""
+    from core import embedded
     from loadtest import suite
-    from quiver import embedded
 
     # The default run is the serving suite (under 15 minutes on a 2-core CPU); training and placement start
     # processes of their own and run when named.

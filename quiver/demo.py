@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 from rich.console import Console
 
+from core.errors import Conflict, QuiverError
+from core.vllm_server import free_port
 from gateway.settings import Settings
-from quiver.errors import Conflict, QuiverError
-from quiver.vllm_server import free_port
 
 DEMO_ADAPTER = "support-triage"
 # Sized to train on a 2-core CPU within the 10-minute budget (see README, "The demo adapter"). A high rate with

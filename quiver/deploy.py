@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 
 from adapters import AdapterVersion, Deployment, Registry
-from quiver.errors import Conflict, InvalidRequest, UpstreamError
-from quiver.vllm_server import VllmServer, port_in_use, stop_detached, vllm_command_line
+from core.errors import Conflict, InvalidRequest, UpstreamError
+from core.vllm_server import VllmServer, port_in_use, stop_detached, vllm_command_line
 
 
 def served_models(url: str, timeout_s: float = 10.0) -> list[str]:

@@ -14,10 +14,10 @@ import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
 
+from core import embedded
+from core.vllm_server import VllmServer, port_in_use
 from gateway import Settings, create_app
 from gateway.observability import configure_logging
-from quiver import embedded
-from quiver.vllm_server import VllmServer, port_in_use
 
 
 def _served_name(model: str) -> str:

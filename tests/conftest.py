@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from core import embedded
+from core.vllm_server import VllmServer
 from gateway import Settings
-from quiver import embedded
-from quiver.vllm_server import VllmServer
 from tests.servers import GatewayServer, running_gateway, running_vllm
 
 # The session's vLLM keeps this many adapters; gateways under test use fewer to exercise the LRU.

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import uvicorn
 
+from core import embedded
+from core.vllm_server import VllmServer, free_port
 from gateway import Settings, create_app
-from quiver import embedded
-from quiver.vllm_server import VllmServer, free_port
 
 
 class GatewayServer:

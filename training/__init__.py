@@ -1,1 +1,1 @@
-"""Training: data formats and checks, SFT/QLoRA/DPO with TRL and PEFT, the eval gate, the demo task."""
+"""Training: SFT/QLoRA/DPO with TRL and PEFT, the eval gate, the fine-tuning worker, the demo task."""

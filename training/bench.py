@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PrinterCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from quiver import benchmarks
+from core import benchmarks
 from training.config import TrainConfig
 
 TARGET_RATIO = 1.5
@@ -108,9 +108,9 @@ def run(base: Path, out_dir: Path, console: Console, *, steps: int = 3, rounds: 
     """Time ``rounds`` rounds of ``steps`` measured steps per side on ``base``, print the table, write the results."""
     import torch
 
-    from training.data import load_examples
     from training.demo import write_demo
     from training.train import chat_rows
+    from trainingdata.formats import load_examples
 
     if steps < 1 or rounds < 1:
         raise ValueError("steps and rounds must be at least 1")

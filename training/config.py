@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
-from quiver.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 if TYPE_CHECKING:
     import torch

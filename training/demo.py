@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.data import ChatExample, DataError, Message, file_fingerprint, find_overlaps, split
+from trainingdata.formats import ChatExample, DataError, Message, file_fingerprint
+from trainingdata.leakage import find_overlaps
+from trainingdata.splits import split
 
 TASK = "support_triage"
 METRIC = "json_field_accuracy"

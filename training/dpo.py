@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from quiver.errors import InvalidRequest
+from core.errors import InvalidRequest
 from training.config import TrainConfig
 from training.sft import (
     TrainResult,

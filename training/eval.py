@@ -30,10 +30,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from quiver.errors import InvalidRequest, UpstreamError
-from training.data import ChatExample, DataError, Message, load_examples
+from core.errors import InvalidRequest, UpstreamError
 from training.demo import score_json_fields
 from training.probe import QUESTIONS, score_probe_answer
+from trainingdata.formats import ChatExample, DataError, Message, load_examples
 
 BASELINES = ("base_prompt", "few_shot", "rag")
 SYSTEMS = ("adapter", *BASELINES)
@@ -225,7 +225,7 @@ def _shot_turns(shots: Sequence[Case]) -> list[Message]:
 
 
 def _retrieve(cases: Sequence[Case], train: Sequence[Case], k: int) -> list[list[Case]]:
-    from quiver.embeddings import Embedder, nearest
+    from core.embeddings import Embedder, nearest
 
     embedder = Embedder()
     top = nearest(embedder.encode([c.query for c in cases]), embedder.encode([t.query for t in train]), k)

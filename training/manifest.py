@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from adapters.store import file_sha256
+from core.checksums import file_sha256
 
 MANIFEST_FILE = "quiver_manifest.json"
 FORMAT_VERSION = 1

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from quiver.errors import InvalidRequest
+from core.errors import InvalidRequest
 from training.config import TrainConfig
 from training.manifest import Manifest, build_manifest, data_summary, write_manifest
 from training.progress import RichProgress, loss_table

@@ -14,10 +14,11 @@ from rich.console import Console
 from rich.table import Table
 
 from training.config import TrainConfig
-from training.data import ChatExample, OverlapReport, PreferenceExample, SplitName
 from training.dpo import train_dpo
 from training.sft import TrainResult, train_sft
-from training.splits import DEFAULT_MAX_OVERLAP, load_splits
+from trainingdata.formats import ChatExample, PreferenceExample
+from trainingdata.leakage import OverlapReport, SplitName
+from trainingdata.splits import DEFAULT_MAX_OVERLAP, load_splits
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback

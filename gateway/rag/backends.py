@@ -23,10 +23,10 @@ from sqlalchemy import Connection, Engine, Float, bindparam, delete, func, inser
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from adapters.db import WRITE, sql_engine
+from core.embeddings import MODEL_NAME, nearest
+from core.errors import InvalidRequest, QuiverError
 from gateway.rag import tables
 from gateway.rag.index import CollectionInfo, Source, check_collection_name, unknown_collection
-from quiver.embeddings import MODEL_NAME, nearest
-from quiver.errors import InvalidRequest, QuiverError
 
 if TYPE_CHECKING:
     from gateway.rag.chunking import Chunk

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from core.errors import InvalidRequest
 from gateway.rag.documents import Document, Paragraph, Section
-from quiver.errors import InvalidRequest
 
 # A tokenizer as chunking sees it: the (start, end) character offsets of each token of a text.
 TokenSpans = Callable[[str], list[tuple[int, int]]]

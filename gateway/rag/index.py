@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from quiver.errors import InvalidRequest, ModelNotFound
+from core.errors import InvalidRequest, ModelNotFound
 
 if TYPE_CHECKING:
     import numpy as np

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from core.embeddings import Embedder
+from core.errors import InvalidRequest
 from gateway.rag.chunking import Chunk, ChunkingConfig, chunk_document
 from gateway.rag.documents import Document, read_document
 from gateway.rag.index import VectorIndex, check_collection_name
-from quiver.embeddings import Embedder
-from quiver.errors import InvalidRequest
 
 # Chunks embedded between two progress reports (and held in memory at once beyond one file's).
 _BATCH = 64

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
+from core.embeddings import Embedder
+from core.errors import InvalidRequest
 from gateway.rag.backends import index_url, open_index
 from gateway.rag.index import CollectionInfo, Source, VectorIndex
-from quiver.embeddings import Embedder
-from quiver.errors import InvalidRequest
 
 INSTRUCTION = (
     "Answer the user's question using only the numbered sources below. Cite the sources you use by their "

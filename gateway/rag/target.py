@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from core.errors import InvalidRequest
 from gateway.polling import poll
 from gateway.rag.retrieval import RagPath, question
 from gateway.tokens import completion_budget
-from quiver.errors import InvalidRequest
 
 log = logging.getLogger("quiver.rag")
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from adapters.store import digest
-from quiver.vllm_server import VllmServer
+from core.vllm_server import VllmServer
 from tests import factories
 from tests.e2e.test_fine_tuning_jobs import LONG, has_event, upload
 from tests.integration.openai_helpers import client, push

@@ -20,11 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core import embedded
+from core.embeddings import Embedder
+from core.vllm_server import VllmServer
 from gateway import Settings
 from gateway.rag import index_url, ingest, open_index
-from quiver import embedded
-from quiver.embeddings import Embedder
-from quiver.vllm_server import VllmServer
 from tests.integration.openai_helpers import push
 from tests.servers import running_gateway
 

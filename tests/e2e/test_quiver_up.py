@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from quiver.vllm_server import free_port, port_in_use
+from core.vllm_server import free_port, port_in_use
 from tests.integration.openai_helpers import QUESTION, client, greedy
 from tests.servers import healthy, wait_until
 

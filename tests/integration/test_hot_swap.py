@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import openai
 
-from quiver import embedded
-from quiver.vllm_server import VllmServer
+from core import embedded
+from core.vllm_server import VllmServer
 from tests.integration.openai_helpers import QUESTION, client, greedy, push
 from tests.servers import GatewayServer
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from adapters import BaseModelSpec, Registry
 from adapters import merge as merging
-from quiver import embedded
+from core import embedded
 
 NAME = "merge-it"
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from adapters import Registry
+from core.vllm_server import port_in_use, running, vllm_command_line
 from gateway import Settings
-from quiver.vllm_server import port_in_use, running, vllm_command_line
 from tests.integration.openai_helpers import greedy, push
 from tests.servers import running_gateway, wait_until
 

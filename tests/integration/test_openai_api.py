@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from quiver import embedded
+from core import embedded
 from tests.integration.openai_helpers import QUESTION, client, error_of, greedy
 from tests.servers import GatewayServer, wait_until
 

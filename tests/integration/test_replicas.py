@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core import embedded
+from core.vllm_server import VllmServer
 from gateway import Settings
-from quiver import embedded
-from quiver.vllm_server import VllmServer
 from tests.integration.openai_helpers import QUESTION, greedy, push
 from tests.servers import running_gateway, running_vllm, wait_until
 

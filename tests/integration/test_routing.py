@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
+from core import embedded
+from core.vllm_server import VllmServer, free_port
 from gateway import Settings
-from quiver import embedded
-from quiver.vllm_server import VllmServer, free_port
 from tests.integration.openai_helpers import QUESTION, client, error_of, push
 from tests.servers import GatewayServer, running_gateway
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from access.keys import ADAPTERS_WRITE, INFERENCE
 from adapters import Registry
-from adapters.keys import ADAPTERS_WRITE, INFERENCE
-from quiver.vllm_server import VllmServer
+from core.vllm_server import VllmServer
 from tests.integration.openai_helpers import QUESTION, tar_gz
 from tests.postgres import PostgresCluster, postgres_cluster  # noqa: F401 - a fixture, used by name
 from tests.redis import RedisServer, redis_server  # noqa: F401 - a fixture, used by name

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from quiver import embedded
-from quiver.vllm_server import VllmServer
+from core import embedded
+from core.vllm_server import VllmServer
 from training.sft import training_chat_template
 
 CONVERSATIONS = [

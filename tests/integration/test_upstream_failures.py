@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core.vllm_server import VllmServer
 from gateway import Settings
-from quiver.vllm_server import VllmServer
 from tests.integration.openai_helpers import QUESTION, error_of, greedy, push
 from tests.servers import GatewayServer, healthy, running_gateway, wait_until
 
@@ -78,7 +78,7 @@ def test_vllm_killed_then_restarted(
 
 
 def test_nothing_listening_is_503_with_retry_after(settings: Settings) -> None:
-    from quiver.vllm_server import free_port
+    from core.vllm_server import free_port
 
     nowhere = settings.model_copy(update={"vllm_url": f"http://127.0.0.1:{free_port()}", "base_model_path": None})
     with running_gateway(nowhere) as gateway:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adapters import BaseModelSpec
-from quiver.embeddings import Embedder
+from core.embeddings import Embedder
 from tests import factories
 
 

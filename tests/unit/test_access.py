@@ -16,11 +16,11 @@ from alembic.runtime.migration import MigrationContext
 from fastapi import FastAPI
 from sqlalchemy import create_engine, text
 
+from access.keys import ADAPTERS_WRITE, ADMIN, FINE_TUNE, INFERENCE
+from access.usage import UsageRow
 from adapters import Registry, db
-from adapters.keys import ADAPTERS_WRITE, ADMIN, FINE_TUNE, INFERENCE
-from adapters.usage import UsageRow
+from core.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway import create_app
-from quiver.errors import InvalidRequest, NotFound, PermissionDenied
 from tests.postgres import postgres_cluster  # noqa: F401 - a fixture, used by name
 from tests.unit.test_gateway_app import RestartingVllm, _settings
 

@@ -9,7 +9,7 @@ import pytest
 
 from adapters import UploadLimits
 from adapters.archive import extract_archive
-from quiver.errors import InvalidArchive, PayloadTooLarge
+from core.errors import InvalidArchive, PayloadTooLarge
 from tests import factories as f
 
 FILES = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": b"\x00" * 300, "README.md": b"# hi"}

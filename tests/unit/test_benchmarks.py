@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from quiver import benchmarks
+from core import benchmarks
 from tests.factories import output_of, quiet
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)

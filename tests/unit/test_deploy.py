@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +145,10 @@ def test_the_dashboard_only_charts_metrics_the_gateway_exports() -> None:
 def test_the_dockerfile_has_cpu_and_cuda_targets() -> None:
     stages = re.findall(r"^FROM \S+ AS (\w+)", (DEPLOY / "Dockerfile").read_text(), flags=re.MULTILINE)
     assert {"cpu", "cuda"} <= set(stages)
+
+
+def test_the_image_copies_every_package() -> None:
+    packages = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    copied = set(re.findall(r"^COPY (\w+) \1$", (DEPLOY / "Dockerfile").read_text(), flags=re.MULTILINE))
+    missing = {name.rstrip("*") for name in packages["include"]} - copied
+    assert not missing, f"deploy/Dockerfile does not copy {missing}"

@@ -19,8 +19,8 @@ from openai import AsyncOpenAI
 
 from adapters import Registry
 from gateway import Settings, create_app
+from jobs.queue import JobStore
 from tests.factories import chat_jsonl, preference_jsonl
-from training.jobs import JobStore
 from training.worker import pid_alive
 
 BASE = "m"

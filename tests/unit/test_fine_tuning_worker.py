@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 
 from adapters import Registry
-from quiver.errors import Conflict
+from core.errors import Conflict
+from jobs.queue import Job, JobSpec, JobStore, Method, fine_tuned_model_name, resolve_hyperparameters
+from jobs.workers import WorkerConfig, worker_name
 from tests import factories
 from tests.postgres import postgres_cluster  # noqa: F401 - a fixture, used by name
-from training.jobs import Job, JobSpec, JobStore, Method, fine_tuned_model_name, resolve_hyperparameters
-from training.worker import RUNS_DIR, Worker, WorkerConfig, pid_alive, worker_name
+from training.worker import RUNS_DIR, Worker, pid_alive
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,12 +10,12 @@ import httpx
 import pytest
 
 from adapters import AdapterVersion
+from core.errors import InvalidRequest, Unavailable, UpstreamError, UpstreamTimeout
 from gateway.metrics import Metrics
 from gateway.residency import Residency
 from gateway.serving import usage_of
 from gateway.settings import Settings
 from gateway.upstream import VllmReplica
-from quiver.errors import InvalidRequest, Unavailable, UpstreamError, UpstreamTimeout
 
 
 def version(name: str, number: int = 1) -> AdapterVersion:

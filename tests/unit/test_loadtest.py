@@ -9,10 +9,10 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from core.errors import InvalidRequest
 from loadtest import runner
 from loadtest.scenarios import SCENARIOS, Offer, Options, zipf_weights
 from quiver.cli import app
-from quiver.errors import InvalidRequest
 
 # What GET /v1/models of a gateway with adapter `support` (v1, v2, alias prod) lists.
 MODELS = {

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from core.embeddings import Embedder
+from core.errors import InvalidRequest
 from gateway.rag import ChunkingConfig, chunk_document, read_document
-from quiver.embeddings import Embedder
-from quiver.errors import InvalidRequest
 
 GUIDE = """\
 # Quiver

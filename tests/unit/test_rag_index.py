@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from sqlalchemy.exc import StatementError
 
+from core.embeddings import Embedder
+from core.errors import InvalidRequest, ModelNotFound
 from gateway.rag import (
     Chunk,
     ChunkingConfig,
@@ -22,8 +24,6 @@ from gateway.rag import (
     open_index,
     read_document,
 )
-from quiver.embeddings import Embedder
-from quiver.errors import InvalidRequest, ModelNotFound
 from tests.postgres import (
     PostgresCluster,
     pgvector_cluster,  # noqa: F401 - a fixture, used by name

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from core.embeddings import Embedder
+from core.errors import InvalidRequest, ModelNotFound
 from gateway.rag import RagPath, Source, build_messages, ingest, open_index, question
 from gateway.rag.retrieval import INSTRUCTION, MESSAGE_OVERHEAD_TOKENS
-from quiver.embeddings import Embedder
-from quiver.errors import InvalidRequest, ModelNotFound
 
 SOURCES = [
     Source("Port 443 carries HTTPS.", "firewall.md", "Firewall, line 3", 0.41),

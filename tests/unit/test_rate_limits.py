@@ -9,13 +9,13 @@ import httpx
 import openai
 import pytest
 
-from adapters.keys import INFERENCE
+from access.keys import INFERENCE
+from core.errors import RateLimited
 from gateway import create_app
 from gateway.auth import Limits, Principal
 from gateway.limits import RateLimiter, reset_text
 from gateway.metrics import Metrics
 from gateway.tokens import PromptMeter
-from quiver.errors import RateLimited
 from tests.redis import RedisServer, redis_server  # noqa: F401 - a fixture, used by name
 from tests.unit.test_access import CHAT, _auth, _client
 from tests.unit.test_gateway_app import RestartingVllm, _settings

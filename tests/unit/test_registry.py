@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text, update
 from adapters import BaseModelSpec, Registry, UploadLimits, db
 from adapters.catalog import MERGE_FILE
 from adapters.store import digest
-from quiver.errors import Conflict, InvalidAdapter, InvalidArchive, InvalidRequest, ModelNotFound, NotFound
+from core.errors import Conflict, InvalidAdapter, InvalidArchive, InvalidRequest, ModelNotFound, NotFound
 from tests import factories as f
 from tests.postgres import postgres_cluster  # noqa: F401 - a fixture, used by name
 

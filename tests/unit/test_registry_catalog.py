@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adapters import Adapter, AdapterVersion, Catalog
-from quiver.errors import ModelNotFound
+from core.errors import ModelNotFound
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 

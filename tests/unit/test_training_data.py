@@ -12,19 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from quiver.errors import InvalidRequest
-from training.data import (
+from core.errors import InvalidRequest
+from trainingdata.formats import (
     ChatExample,
     DataError,
     DataFormat,
     Message,
     PreferenceExample,
     file_fingerprint,
-    find_overlaps,
     load_examples,
-    normalize_text,
-    split,
 )
+from trainingdata.leakage import find_overlaps, normalize_text
+from trainingdata.splits import split
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 USER = {"role": "user", "content": "What is 2 + 2?"}

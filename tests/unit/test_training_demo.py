@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from training.data import DataError, DataFormat, file_fingerprint, find_overlaps, load_examples
 from training.demo import FIELDS, LABELS, METRIC, SYSTEM_PROMPT, DemoFiles, score_json_fields, write_demo
+from trainingdata.formats import DataError, DataFormat, file_fingerprint, load_examples
+from trainingdata.leakage import find_overlaps
 
 SIZES = {"n_train": 400, "n_val": 60, "n_test": 120}
 

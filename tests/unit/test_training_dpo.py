@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from adapters import BaseModelSpec, validate_adapter_dir
-from quiver.errors import InvalidRequest
+from core.errors import InvalidRequest
 from tests.factories import ADAPTER_FILES, output_of, quiet
 from tests.factories import train_config as config
 from training.config import TrainConfig

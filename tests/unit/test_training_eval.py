@@ -12,10 +12,9 @@ import numpy as np
 import openai
 import pytest
 
-from quiver.embeddings import nearest
-from quiver.errors import UpstreamError
+from core.embeddings import nearest
+from core.errors import UpstreamError
 from tests.factories import output_of, quiet
-from training.data import ChatExample, DataError, Message
 from training.demo import SYSTEM_PROMPT, write_demo
 from training.eval import (
     Case,
@@ -27,6 +26,7 @@ from training.eval import (
     score_rouge_l,
 )
 from training.probe import QUESTIONS, score_probe_answer
+from trainingdata.formats import ChatExample, DataError, Message
 
 
 def chat(*turns: tuple[str, str]) -> ChatExample:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, TrainerCallback
 
 from adapters import BaseModelSpec, validate_adapter_dir
-from quiver.errors import InvalidRequest
+from core.errors import InvalidRequest
 from tests.factories import (
     ADAPTER_FILES,
     output_of,

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from adapters import BaseModelSpec, validate_adapter_dir
-from quiver.errors import InvalidAdapter
+from core.errors import InvalidAdapter
 from tests import factories as f
 
 MAX_RANK = 16

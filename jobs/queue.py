@@ -24,11 +24,11 @@ from typing import Any, Literal, TypedDict, Unpack, cast
 
 from sqlalchemy import Connection, Engine, RowMapping, insert, select, update
 
-from quiver.errors import Conflict, InvalidRequest, NotFound, QuiverError
-from training import db
-from training.data import DataError, DataFormat
-from training.files import FILES_DIR, PURPOSE_FINE_TUNE, FileStore, StoredFile, relabel
-from training.splits import DEFAULT_MAX_OVERLAP, load_splits
+from core.errors import Conflict, InvalidRequest, NotFound, QuiverError
+from jobs import db
+from jobs.files import FILES_DIR, PURPOSE_FINE_TUNE, FileStore, StoredFile, relabel
+from trainingdata.formats import DataError, DataFormat
+from trainingdata.splits import DEFAULT_MAX_OVERLAP, load_splits
 
 Method = Literal["supervised", "dpo"]
 Status = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from quiver.errors import QuiverError
+from core.errors import QuiverError
 
 if TYPE_CHECKING:
     import numpy as np

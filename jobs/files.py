@@ -1,6 +1,6 @@
 """Files for fine-tuning (``/v1/files``): training data checked on upload, and the results jobs write.
 
-An upload is spooled into the store's staging area, loaded with ``training.data.load_examples`` (so a
+An upload is spooled into the store's staging area, loaded with ``trainingdata.formats.load_examples`` (so a
 bad file is refused naming its line and problem, and nothing is kept), then committed the way adapter
 versions are (read-only, fsync, rename into ``<root>/<file id>/<sha256>/<filename>``), and only then
 recorded in SQL: a file is visible only once it is complete.
@@ -18,10 +18,11 @@ from typing import Literal
 
 from sqlalchemy import Engine, RowMapping, and_, delete, insert, or_, select
 
-from adapters.store import LocalStore, file_sha256
-from quiver.errors import Conflict, InvalidRequest, NotFound
-from training import db
-from training.data import DataError, DataFile, load_examples
+from adapters.store import LocalStore
+from core.checksums import file_sha256
+from core.errors import Conflict, InvalidRequest, NotFound
+from jobs import db
+from trainingdata.formats import DataError, DataFile, load_examples
 
 FILES_DIR = "files"  # under the data dir
 PURPOSE_FINE_TUNE = "fine-tune"

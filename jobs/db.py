@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.schema import SchemaItem
 
 from adapters import db as registry_db
-from quiver.errors import NotFound
+from core.errors import NotFound
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -71,7 +71,7 @@ files = _listed(
     Column("sha256", String(64), nullable=False),
     # Relative to the files directory, so the data dir can be mounted elsewhere.
     Column("path", String(512), nullable=False),
-    # What the training-data loader found (``training.data.DataFormat``), for checking a job's method.
+    # What the training-data loader found (``trainingdata.formats.DataFormat``), for checking a job's method.
     Column("format", String(32), nullable=True),
     Column("examples", Integer, nullable=True),
     Column("created_at", BigInteger, nullable=False),

@@ -1,0 +1,1 @@
+"""Access control: tenants, API keys and their scopes, and usage per minute, stored beside the registry."""
