@@ -54,7 +54,7 @@ class Setup:
     live: int | None = None  # hotswap: the version NAME@live starts on, and returns to after each move
 
 
-@events.test_start.add_listener
+@events.test_start.add_listener  # type: ignore[untyped-decorator]  # locust's events are untyped
 def read_target(environment: Environment, **_: Any) -> None:
     """Read what the target offers, check the selected scenarios can run on it, and prepare them."""
     options = Options.from_env(os.environ)
@@ -79,7 +79,7 @@ def read_target(environment: Environment, **_: Any) -> None:
     environment.quiver_setup = Setup(offer, options, live)  # type: ignore[attr-defined]
 
 
-@events.quitting.add_listener
+@events.quitting.add_listener  # type: ignore[untyped-decorator]
 def last_csv_rows(environment: Environment, **_: Any) -> None:
     """Give locust's CSV writer one more turn: it rewrites the files every second, so without it the stats
     CSV would miss the last second and the requests that finished while users stopped."""
@@ -126,9 +126,9 @@ def error_text(response: ResponseContextManager) -> str:
 def settle(response: ResponseContextManager, expected: int = 200) -> bool:
     """Mark a response a success when it has the expected status, else a failure; True on success."""
     if response.status_code == expected:
-        response.success()
+        response.success()  # type: ignore[no-untyped-call]
         return True
-    response.failure(error_text(response))
+    response.failure(error_text(response))  # type: ignore[no-untyped-call]
     return False
 
 
@@ -301,7 +301,11 @@ class HotswapPusher(OpenAIUser):
         archive = gevent.get_hub().threadpool.apply(adapter_archive, (directory, uuid.uuid4().hex))
         body, content_type = multipart({"name": self.name}, ("file", f"{self.name}.tar.gz", archive))
         with self.client.post(
-            "/v1/adapters", data=body, headers={"content-type": content_type}, name="push", catch_response=True
+            "/v1/adapters",
+            data=body,  # type: ignore[arg-type]  # FastHttpSession sends bytes as they are; its hint says str
+            headers={"content-type": content_type},
+            name="push",
+            catch_response=True,
         ) as response:
             if not settle(response, 201):
                 return None

@@ -92,7 +92,7 @@ class NaiveModel:
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")  # the checkpoint's, as vLLM serves it
         # On the GPU where vLLM runs (quiver bench --gpu), the naive side runs there too.
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        base.to(self.device)
+        base.to(self.device)  # type: ignore[arg-type]  # transformers types .to() too narrowly
         # PEFT keeps adapters in ModuleDicts, whose keys may not hold '.', so each gets a plain slot name.
         self.slots = {name: f"adapter_{i}" for i, name in enumerate(adapters)}
         first, *rest = adapters.items()
@@ -126,10 +126,10 @@ class NaiveModel:
             with torch.inference_mode():
                 if request.model == self.served_name:
                     with self.model.disable_adapter():
-                        output = self.model.generate(input_ids=ids, **options)
+                        output = self.model.generate(input_ids=ids, **options)  # type: ignore[no-untyped-call]
                 else:
                     self.model.set_adapter(self.slots[request.model])
-                    output = self.model.generate(input_ids=ids, **options)
+                    output = self.model.generate(input_ids=ids, **options)  # type: ignore[no-untyped-call]
         except BaseException:
             if streamer is not None:
                 streamer.end()  # or the reader waits for text forever
@@ -364,14 +364,14 @@ def run_standalone(base_dir: Path, out_dir: Path, console: Console, *, adapters:
     import tempfile
 
     from loadtest.bench import start_gateway
-    from loadtest.routing import _vllm, push
-    from loadtest.suite import make_adapters
+    from loadtest.fixtures import make_adapters
+    from loadtest.routing import push, ready_vllm
 
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="quiver-bench-naive-") as tmp:
         work = Path(tmp)
         directories = make_adapters(base_dir, work, adapters, 8, console)
         with console.status("Starting vLLM and the gateway"):
-            vllm_url = _vllm(stack, base_dir, work, "pool", slots=adapters)
+            vllm_url = ready_vllm(stack, base_dir, work, "pool", slots=adapters)
             env = {"QUIVER_MAX_LORAS": str(adapters), "QUIVER_FINE_TUNING_WORKERS": "0"}
             gateway = start_gateway(stack, vllm_url, work, "naive", env)
         names = {f"naive-{i}@v1": directory for i, directory in enumerate(directories)}

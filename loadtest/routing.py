@@ -21,7 +21,7 @@ import re
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -126,13 +126,13 @@ Side = tuple[str, Callable[[int], list[str]]]  # (URL, round number -> the round
 
 
 async def alternate(
-    sides: dict[str, Side], *, rounds: int, concurrency: int, max_tokens: int, count_loads: bool = False
+    sides: Mapping[str, Side], *, rounds: int, concurrency: int, max_tokens: int, count_loads: bool = False
 ) -> dict[str, Run]:
     """Alternate rounds over ``sides`` (label -> side), reversing the order every other round; ``count_loads``
     reads each side's adapter loads from its /metrics (Quiver gateways only)."""
     runs = {name: Run() for name in sides}
     for r in range(rounds):
-        order = list(sides.items()) if r % 2 == 0 else list(reversed(sides.items()))
+        order = list(sides.items()) if r % 2 == 0 else list(sides.items())[::-1]
         for name, (url, sequence) in order:
             before = adapter_loads(url) if count_loads else 0.0
             await drive(url, sequence(r), concurrency, max_tokens, runs[name])
@@ -159,9 +159,11 @@ async def compare_targets(
     targets: dict[str, tuple[str, str]], *, rounds: int, requests: int, concurrency: int, max_tokens: int
 ) -> dict[str, Run]:
     """Alternate rounds between targets (label -> (URL, model)) with the same prompts."""
-    sides: dict[str, Side] = {
-        name: (url, lambda r, model=model: [model] * requests) for name, (url, model) in targets.items()
-    }
+
+    def repeat(model: str) -> Callable[[int], list[str]]:
+        return lambda _round: [model] * requests
+
+    sides = {name: (url, repeat(model)) for name, (url, model) in targets.items()}
     return await alternate(sides, rounds=rounds, concurrency=concurrency, max_tokens=max_tokens)
 
 
@@ -207,7 +209,7 @@ def start_vllm(
     return server
 
 
-def _vllm(
+def ready_vllm(
     stack: ExitStack, base_dir: Path, work: Path, name: str, *, slots: int, lora: bool = True, rank: int = 8
 ) -> str:
     server = start_vllm(stack, base_dir, work, name, slots=slots, rank=rank, lora=lora)
@@ -223,7 +225,7 @@ def run_placement(
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="quiver-bench-routing-") as tmp:
         work = Path(tmp)
         with console.status("Starting two vLLM replicas"):
-            urls = [_vllm(stack, base_dir, work, f"r{i}", slots=slots) for i in range(2)]
+            urls = [ready_vllm(stack, base_dir, work, f"r{i}", slots=slots) for i in range(2)]
         gateways = {}
         with console.status("Starting two gateways (affinity, round_robin)"):
             for placement in ("affinity", "round_robin"):
@@ -298,8 +300,8 @@ def run_merged(
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="quiver-bench-merged-") as tmp:
         work = Path(tmp)
         with console.status("Starting the LoRA pool vLLM and the merged model's vLLM"):
-            pool = pool_url or _vllm(stack, base_dir, work, "pool", slots=1)
-            merged = merged_url or _vllm(stack, merged_dir, work, "merged", slots=1, lora=False)
+            pool = pool_url or ready_vllm(stack, base_dir, work, "pool", slots=1)
+            merged = merged_url or ready_vllm(stack, merged_dir, work, "merged", slots=1, lora=False)
         response = httpx.post(
             f"{pool}/v1/load_lora_adapter", json={"lora_name": "adapter", "lora_path": str(adapter_dir)}, timeout=120
         )

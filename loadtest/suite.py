@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core import benchmarks
-from loadtest import routing
+from loadtest import fixtures, routing
 from loadtest.bench import start_gateway
 
 TARGET_ADAPTER_VS_BASE = 0.8
@@ -151,14 +151,6 @@ def measure_cold_start(gateway: str, adapters: Sequence[tuple[str, Path]], resul
         asyncio.run(one_by_one())
 
 
-def make_adapters(base_dir: Path, work: Path, count: int, rank: int, console: Console) -> list[Path]:
-    """``count`` distinct random (but real) PEFT adapters of the base."""
-    from training.synthetic import random_loras
-
-    with console.status(f"Making {count} rank-{rank} adapters with PEFT"):
-        return random_loras(base_dir, {work / f"lora-{i}": i for i in range(count)}, rank=rank)
-
-
 def _merged(base_dir: Path, adapter: Path, work: Path) -> Path:
     """``adapter`` merged into the base through the registry's merge tool, checked equivalent."""
     from adapters import BaseModelSpec, Registry
@@ -195,7 +187,7 @@ def run(
         work = Path(tmp)
         cold_count = profile.cold_adapters if "serving" in sections else 0
         with took(console, "adapters"):
-            loras = make_adapters(base_dir, work, profile.churn_adapters + cold_count, profile.rank, console)
+            loras = fixtures.make_adapters(base_dir, work, profile.churn_adapters + cold_count, profile.rank, console)
         churn_dirs, cold_dirs = loras[: profile.churn_adapters], loras[profile.churn_adapters :]
         pool = _vllm(stack, base_dir, work, "pool", profile, lora=True)
         # The merged model's vLLM starts beside the pool and is stopped before the other sections run.

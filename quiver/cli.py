@@ -769,10 +769,10 @@ def bench(
 def _bench_placement(base: Path, out: Path, profile: Any) -> None:
     import tempfile
 
-    from loadtest import routing, suite
+    from loadtest import fixtures, routing
 
     with tempfile.TemporaryDirectory(prefix="quiver-bench-adapters-") as tmp:
-        adapters = suite.make_adapters(base, Path(tmp), 6, profile.rank, err)
+        adapters = fixtures.make_adapters(base, Path(tmp), 6, profile.rank, err)
         routing.run_placement(base, adapters, out, console)
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -192,6 +194,8 @@ class Evaluator:
         """
         task = progress.add_task(label, total=len(jobs))
         result = SystemScores()
+        # The bar only draws on a terminal; a log file or a pipe gets a line each tenth of the way instead.
+        lines = None if progress.console.is_terminal else _ProgressLines(progress.console, label, len(jobs))
 
         async def one(i: int, model: str, messages: list[dict[str, str]], scorer: Callable[[str], float]) -> None:
             try:
@@ -202,6 +206,8 @@ class Evaluator:
                 result.first_error = result.first_error or str(exc)
             finally:
                 progress.advance(task)
+                if lines is not None:
+                    lines.advance()
 
         if one_at_a_time:
             for i, job in enumerate(jobs):
@@ -210,10 +216,32 @@ class Evaluator:
             await asyncio.gather(*(one(i, *job) for i, job in enumerate(jobs)))
         if result.errors:
             self.console.print(f"[yellow]{label}: {result.errors} requests failed, e.g. {result.first_error}[/]")
-        if not progress.console.is_terminal:
-            # The bar only draws on a terminal; a log file or a pipe gets a line per system instead.
+        if lines is not None:
             progress.console.print(f"{label}: {len(jobs)} asked, {result.points:.1f} points", highlight=False)
         return result
+
+
+class _ProgressLines:
+    """Plain progress lines for a console that is not a terminal: answers so far, rate and ETA, ten per system."""
+
+    def __init__(self, console: Console, label: str, total: int) -> None:
+        self.console = console
+        self.label = label
+        self.total = total
+        self.every = max(1, math.ceil(total / 10))
+        self.done = 0
+        self.started = time.monotonic()
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.done % self.every and self.done != self.total:
+            return
+        elapsed = time.monotonic() - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = f"{(self.total - self.done) / rate:.0f} s" if rate > 0 else "-"
+        self.console.print(
+            f"{self.label}: {self.done}/{self.total} answered, {rate:.1f}/s, ETA {eta}", highlight=False, soft_wrap=True
+        )
 
 
 def _few_shot(train: Sequence[ChatExample], k: int, seed: int) -> list[Case]:

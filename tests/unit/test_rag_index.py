@@ -73,9 +73,9 @@ def _ingest_pasta(index: VectorIndex, embedder: Embedder, root: Path) -> tuple[D
     return document, chunk_document(document, embedder.token_spans, ChunkingConfig())
 
 
-def test_the_url_picks_the_backend(opener: Opener) -> None:
-    index = opener()
-    assert isinstance(index, EmbeddedIndex | PgVectorIndex)
+def test_the_url_picks_the_backend(opener: Opener, request: pytest.FixtureRequest) -> None:
+    expected = {"embedded": EmbeddedIndex, "pgvector": PgVectorIndex}[request.node.callspec.params["opener"]]
+    assert type(opener()) is expected
 
 
 def test_search_ranks_the_matching_source_first(opener: Opener, embedder: Embedder, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from training.eval import (
     Evaluator,
     TaskSpec,
     _evaluate,
+    _progress,
     report_table,
     score_exact_match,
     score_rouge_l,
@@ -172,3 +173,25 @@ def test_an_eval_whose_requests_fail_makes_no_report() -> None:
     with pytest.raises(UpstreamError, match=r"1 of 1 requests for adapter failed \(e.g. Connection error.\)") as caught:
         asyncio.run(run())
     assert caught.value.code == "eval_failed"
+
+
+def test_without_a_terminal_each_system_reports_progress_lines() -> None:
+    console = quiet()
+
+    async def run() -> None:
+        transport = httpx.MockTransport(lambda _: httpx.Response(200, json=completion("4")))
+        client = openai.AsyncOpenAI(
+            base_url="http://gateway/v1", api_key="k", max_retries=0, http_client=httpx.AsyncClient(transport=transport)
+        )
+        evaluator = Evaluator(client, console=console)
+        jobs = [("base", [{"role": "user", "content": f"q{i}"}], lambda answer: 1.0) for i in range(25)]
+        with _progress(console) as progress:
+            await evaluator.score(jobs, progress, "base + prompt")
+
+    asyncio.run(run())
+    lines = [line for line in output_of(console).splitlines() if line.startswith("base + prompt: ")]
+    # A line each tenth of the way (every 3 of 25) and the last, then the score.
+    answered = [line.split()[3] for line in lines[:-1]]
+    assert answered == [f"{n}/25" for n in (3, 6, 9, 12, 15, 18, 21, 24, 25)]
+    assert all("/s, ETA " in line for line in lines[:-1])
+    assert lines[-1] == "base + prompt: 25 asked, 100.0 points"
