@@ -72,3 +72,10 @@ def test_an_import_of_the_cli_from_the_registry_breaks_the_layers(tmp_path: Path
     assert "Layers: imports only point down BROKEN" in broken.stdout
     assert "Nothing imports the CLI BROKEN" in broken.stdout
     assert "adapters.registry -> quiver.cli" in broken.stdout
+
+
+def test_the_upload_checks_for_training_data_load_without_torch() -> None:
+    modules = "trainingdata.formats, trainingdata.leakage, trainingdata.splits"
+    code = f"import sys, {modules}; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert loaded.stdout.strip() == "[]"
