@@ -222,7 +222,7 @@ async def test_keys_scopes_and_tenants_through_the_api(tmp_path: Path, tiny_adap
         gone = reg.create_key("acme", [INFERENCE])
         reg.revoke_key(gone.key.id)
         stale = reg.create_key("acme", [INFERENCE], expires_at=datetime.now(UTC) + timedelta(seconds=30))
-        with reg._engine.begin() as conn:  # its expiry passes (no waiting for it)
+        with reg.database.engine.begin() as conn:  # its expiry passes (no waiting for it)
             conn.execute(
                 db.api_keys.update()
                 .where(db.api_keys.c.id == stale.key.id)
