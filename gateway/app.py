@@ -79,7 +79,7 @@ async def _base_spec(settings: Settings, replica: VllmReplica) -> BaseModelSpec 
 
 def open_registry(settings: Settings, base: BaseModelSpec | None) -> Registry:
     """The registry these settings describe; the gateway and the CLI open it the same way."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # the default SQLite database is in it
     reserved = {BASE_ALIAS, AUTO} | ({settings.base_model} if settings.base_model else set())
     return Registry.open(
         settings.registry_url,
@@ -141,7 +141,7 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None,
         auto=SemanticRouter(policy.auto.threshold, embedder),
         merged=merged,
     )
-    usage = UsageMeter(registry)
+    usage = UsageMeter(view)
     proxy = Proxy(router, metrics, meter, rag, usage)
     admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
     auth = Authenticator(lambda: view.keys, admin_key)
@@ -210,7 +210,7 @@ def create_app(
             await anyio.to_thread.run_sync(gateway.rag.rag.close)
             for frontier in gateway.frontiers.values():
                 await frontier.aclose()
-            await anyio.to_thread.run_sync(gateway.registry.registry.close)
+            await anyio.to_thread.run_sync(gateway.registry.close)
 
     app = FastAPI(title="Quiver", version="0.1.0", lifespan=lifespan)
     app.add_middleware(RequestContext, tracing=tracing)

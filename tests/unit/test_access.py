@@ -22,7 +22,7 @@ from adapters import Registry, db
 from core.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway import create_app
 from tests.postgres import postgres_cluster  # noqa: F401 - a fixture, used by name
-from tests.unit.test_gateway_app import RestartingVllm, _settings
+from tests.unit.test_gateway_app import RestartingVllm, _settings, registry_of
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -215,22 +215,24 @@ async def test_keys_scopes_and_tenants_through_the_api(tmp_path: Path, tiny_adap
     app = create_app(_settings(tmp_path, usage_flush_s=3600), transport=httpx.MockTransport(RestartingVllm()))
     async for client in _client(app, client_host="10.1.2.3"):
         gateway = app.state.gateway
-        reg = gateway.registry.registry
-        acme = reg.create_key("acme", [INFERENCE, ADAPTERS_WRITE]).token
-        globex = reg.create_key("globex", [INFERENCE]).token
-        admin = reg.create_key("ops", [ADMIN]).token
-        gone = reg.create_key("acme", [INFERENCE])
-        reg.revoke_key(gone.key.id)
-        stale = reg.create_key("acme", [INFERENCE], expires_at=datetime.now(UTC) + timedelta(seconds=30))
-        with reg.database.engine.begin() as conn:  # its expiry passes (no waiting for it)
-            conn.execute(
-                db.api_keys.update()
-                .where(db.api_keys.c.id == stale.key.id)
-                .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
-            )
-        reg.push_dir("acme-bot", tiny_adapter, tenant="acme")
-        reg.push_dir("shared-bot", tiny_adapter)
-        await gateway.registry.refresh()
+        view = gateway.registry
+        acme_key = await view.create_key("acme", [INFERENCE, ADAPTERS_WRITE])
+        acme = acme_key.token
+        globex = (await view.create_key("globex", [INFERENCE])).token
+        admin = (await view.create_key("ops", [ADMIN])).token
+        gone = await view.create_key("acme", [INFERENCE])
+        await view.revoke_key(gone.key.id)
+        stale = await view.create_key("acme", [INFERENCE], expires_at=datetime.now(UTC) + timedelta(seconds=30))
+        with registry_of(app) as reg:
+            with reg.database.engine.begin() as conn:  # its expiry passes (no waiting for it)
+                conn.execute(
+                    db.api_keys.update()
+                    .where(db.api_keys.c.id == stale.key.id)
+                    .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+                )
+            reg.push_dir("acme-bot", tiny_adapter, tenant="acme")
+            reg.push_dir("shared-bot", tiny_adapter)
+        await view.refresh()
 
         basic = {"authorization": f"Basic {acme}"}  # a key in the wrong scheme is no key
         for headers, code in (
@@ -287,10 +289,8 @@ async def test_keys_scopes_and_tenants_through_the_api(tmp_path: Path, tiny_adap
             "globex",
         }
 
-        # Revocation takes effect with the next registry refresh.
-        acme_id = next(k.id for k in reg.api_keys("acme") if k.state(datetime.now(UTC)) == "active")
-        reg.revoke_key(acme_id)
-        await gateway.registry.refresh()
+        # Revocation takes effect with the refresh that follows it.
+        await view.revoke_key(acme_key.key.id)
         after = await client.post("/v1/chat/completions", json=CHAT | {"model": "m"}, headers=_auth(acme))
         assert after.status_code == 401
 
