@@ -23,7 +23,7 @@ from access.keys import ApiKey, KeyRing, NewKey, Tenant
 from access.usage import UsageRow
 from adapters import db, queries
 from adapters.archive import UploadLimits, extract_archive
-from adapters.catalog import MERGE_FILE, VERSION_REF, Adapter, AdapterVersion, Catalog, Deployment, Merge, lora_name
+from adapters.catalog import MERGE_FILE, VERSION_REF, Adapter, AdapterVersion, Catalog
 from adapters.promotion import DEFAULT_MARGIN, PROMOTED_ALIASES, promotion_refusal
 from adapters.spec import BaseModelSpec
 from adapters.store import LocalStore, delete_tree, digest
@@ -55,7 +55,8 @@ class Registry:
     """Versions, aliases, eval reports and routing of named LoRA adapters. Synchronous; the gateway calls it
     from a thread.
 
-    Closing the registry closes its ``database``.
+    Merges and deployments are a store of their own over the same database
+    (``adapters.deployments.DeploymentStore``); closing the registry closes the database.
     """
 
     def __init__(
@@ -363,94 +364,6 @@ class Registry:
             # Only a directory Quiver's merge wrote: the path is whatever `--output` said.
             if (directory / MERGE_FILE).is_file():
                 delete_tree(directory)
-
-    # -- merges and deployments -----------------------------------------------------------------
-
-    def record_merge(self, name: str, number: int, path: Path, report: dict[str, Any]) -> Merge:
-        """Store a merged model of version ``number`` (its directory and equivalence report)."""
-
-        def work(conn: Connection) -> Merge:
-            queries.version(conn, self.store.root, name, number)
-            conn.execute(
-                insert(db.merges).values(
-                    adapter_name=name,
-                    version_number=number,
-                    path=str(path.resolve()),
-                    report=report,
-                    created_at=datetime.now(UTC),
-                )
-            )
-            return queries.merges(conn, name, number)[-1]
-
-        return self.database.write(work)
-
-    def merges(self, name: str, number: int) -> list[Merge]:
-        """Every merge recorded for version ``number``, oldest first; NotFound for an unknown version."""
-        with self.database.read() as conn:
-            queries.version(conn, self.store.root, name, number)
-            return queries.merges(conn, name, number)
-
-    def latest_merge(self, name: str, number: int) -> Merge | None:
-        """The newest merge of version ``number``, or None when it was never merged."""
-        merges = self.merges(name, number)
-        return merges[-1] if merges else None
-
-    def add_deployment(self, name: str, number: int, url: str, served_model: str, pid: int | None = None) -> Deployment:
-        """Register a dedicated server at ``url`` serving version ``number`` as ``served_model``.
-
-        Conflict when the version already has one: a version is deployed at most once.
-        """
-
-        def work(conn: Connection) -> Deployment:
-            self._check_deployable(conn, name, number)
-            conn.execute(
-                insert(db.deployments).values(
-                    adapter_name=name,
-                    version_number=number,
-                    url=url.rstrip("/"),
-                    served_model=served_model,
-                    pid=pid,
-                    created_at=datetime.now(UTC),
-                )
-            )
-            created = queries.deployment(conn, name, number)
-            assert created is not None  # just inserted, same transaction
-            return created
-
-        return self.database.write(work)
-
-    def check_deployable(self, name: str, number: int) -> AdapterVersion:
-        """What ``add_deployment`` would refuse (NotFound, Conflict), checked before a server is started for it."""
-        with self.database.read() as conn:
-            return self._check_deployable(conn, name, number)
-
-    def remove_deployment(self, name: str, number: int) -> Deployment:
-        """Unregister version ``number``'s deployment, so its traffic returns to the adapter; NotFound if none."""
-
-        def work(conn: Connection) -> Deployment:
-            existing = queries.deployment(conn, name, number)
-            if existing is None:
-                raise NotFound(f"{lora_name(name, number)} is not deployed", param="model")
-            d = db.deployments
-            conn.execute(delete(d).where((d.c.adapter_name == name) & (d.c.version_number == number)))
-            return existing
-
-        return self.database.write(work)
-
-    def deployments(self) -> list[Deployment]:
-        """Every deployment, by name and version."""
-        with self.database.read() as conn:
-            return queries.deployments(conn)
-
-    def _check_deployable(self, conn: Connection, name: str, number: int) -> AdapterVersion:
-        version = queries.version(conn, self.store.root, name, number)
-        existing = queries.deployment(conn, name, number)
-        if existing is not None:
-            raise Conflict(
-                f"{version.lora_name} is already deployed at {existing.url}; "
-                f"remove that deployment first (quiver deploy rm {version.lora_name})"
-            )
-        return version
 
     # -- keys, tenants and usage ------------------------------------------------------------------
 

@@ -118,7 +118,7 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None,
     )
     base = await _base_spec(settings, pool.first.replica)
     registry = await anyio.to_thread.run_sync(open_registry, settings, base)
-    view = await anyio.to_thread.run_sync(RegistryView, registry)
+    view = await anyio.to_thread.run_sync(RegistryView.over, registry)
     frontiers = {name: Frontier(config, transport=transport) for name, config in policy.frontiers.items()}
     for frontier in frontiers.values():
         frontier.tracing = tracing

@@ -19,7 +19,7 @@ import anyio.to_thread
 
 from access.keys import ApiKey, KeyRing, NewKey, Tenant
 from access.usage import UsageRow
-from adapters import Adapter, Catalog, Deployment, PushResult, Registry
+from adapters import Adapter, Catalog, Deployment, DeploymentStore, PushResult, Registry
 from adapters.registry import UNSET, Unset
 from gateway.polling import poll
 
@@ -31,11 +31,17 @@ T = TypeVar("T")
 class RegistryView:
     """Holds the current Catalog and KeyRing; its async methods run the blocking stores in a worker thread."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, deployments: DeploymentStore) -> None:
         self._registry = registry
+        self._deployments = deployments
         self.catalog: Catalog = registry.snapshot()
         self.keys: KeyRing = registry.key_ring()
         self._derived: dict[Hashable, tuple[Catalog, Any]] = {}
+
+    @classmethod
+    def over(cls, registry: Registry) -> RegistryView:
+        """The view of ``registry`` and the stores over its database; blocking, as it reads the first snapshot."""
+        return cls(registry, DeploymentStore.beside(registry))
 
     def close(self) -> None:
         """Release the database (blocking)."""
@@ -83,11 +89,11 @@ class RegistryView:
 
     async def deployments(self) -> list[Deployment]:
         """Every deployment, read from the database."""
-        return await self._call(self._registry.deployments)
+        return await self._call(self._deployments.deployments)
 
     async def remove_deployment(self, name: str, number: int) -> Deployment:
         """Unregister version ``number``'s deployment; its traffic returns to the adapter from the next request on."""
-        return await self._call(partial(self._registry.remove_deployment, name, number))
+        return await self._call(partial(self._deployments.remove_deployment, name, number))
 
     # -- keys and usage -------------------------------------------------------------------------
 
