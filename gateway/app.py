@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from adapters import BaseModelSpec, Registry
+from adapters.db import Database
 from core.embeddings import Embedder
 from core.errors import QuiverError
 from gateway import admin, files, fine_tuning, routes
@@ -89,6 +90,12 @@ def open_registry(settings: Settings, base: BaseModelSpec | None) -> Registry:
         reserved_names=frozenset(reserved),
         promotion_margin=settings.promotion_margin,
     )
+
+
+def open_database(settings: Settings) -> Database:
+    """The registry's database alone, for the stores that need no adapter store (keys, tenants, usage)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # the default SQLite database is in it
+    return Database.open(settings.registry_url)
 
 
 async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None, tracing: Tracing) -> Gateway:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 
 from access.keys import ApiKey, KeyRing, NewKey, Tenant
+from access.store import KeyStore, UsageStore
 from access.usage import UsageRow
 from adapters import Adapter, Catalog, Deployment, DeploymentStore, PushResult, Registry
 from adapters.registry import UNSET, Unset
@@ -31,17 +32,20 @@ T = TypeVar("T")
 class RegistryView:
     """Holds the current Catalog and KeyRing; its async methods run the blocking stores in a worker thread."""
 
-    def __init__(self, registry: Registry, deployments: DeploymentStore) -> None:
+    def __init__(self, registry: Registry, deployments: DeploymentStore, keys: KeyStore, usage: UsageStore) -> None:
         self._registry = registry
         self._deployments = deployments
+        self._key_store = keys
+        self._usage = usage
         self.catalog: Catalog = registry.snapshot()
-        self.keys: KeyRing = registry.key_ring()
+        self.keys: KeyRing = keys.key_ring()
         self._derived: dict[Hashable, tuple[Catalog, Any]] = {}
 
     @classmethod
     def over(cls, registry: Registry) -> RegistryView:
         """The view of ``registry`` and the stores over its database; blocking, as it reads the first snapshot."""
-        return cls(registry, DeploymentStore.beside(registry))
+        database = registry.database
+        return cls(registry, DeploymentStore.beside(registry), KeyStore(database), UsageStore(database))
 
     def close(self) -> None:
         """Release the database (blocking)."""
@@ -107,9 +111,9 @@ class RegistryView:
         tokens_per_min: int | None = None,
         expires_at: datetime | None = None,
     ) -> NewKey:
-        """``Registry.create_key``; this gateway accepts the key from the next request on."""
+        """``KeyStore.create_key``; this gateway accepts the key from the next request on."""
         work = partial(
-            self._registry.create_key,
+            self._key_store.create_key,
             tenant,
             list(scopes),
             name=name,
@@ -120,21 +124,21 @@ class RegistryView:
         return await self._call(work)
 
     async def revoke_key(self, key_id: str) -> ApiKey:
-        """``Registry.revoke_key``; this gateway refuses the key from the next request on."""
-        return await self._call(partial(self._registry.revoke_key, key_id))
+        """``KeyStore.revoke_key``; this gateway refuses the key from the next request on."""
+        return await self._call(partial(self._key_store.revoke_key, key_id))
 
     async def set_tenant_limits(
         self, tenant: str, *, requests_per_min: int | None | Unset = UNSET, tokens_per_min: int | None | Unset = UNSET
     ) -> Tenant:
-        """``Registry.set_tenant_limits``: left out, a limit keeps its value."""
+        """``KeyStore.set_tenant_limits``: left out, a limit keeps its value."""
         work = partial(
-            self._registry.set_tenant_limits, tenant, requests_per_min=requests_per_min, tokens_per_min=tokens_per_min
+            self._key_store.set_tenant_limits, tenant, requests_per_min=requests_per_min, tokens_per_min=tokens_per_min
         )
         return await self._call(work)
 
     async def record_usage(self, rows: Sequence[UsageRow]) -> None:
         """Add counts to the usage table (no registry change: nothing to refresh)."""
-        await anyio.to_thread.run_sync(self._registry.record_usage, rows)
+        await anyio.to_thread.run_sync(self._usage.record_usage, rows)
 
     async def usage(
         self,
@@ -145,10 +149,8 @@ class RegistryView:
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> list[UsageRow]:
-        """``Registry.usage``: recorded usage, every filter given matching."""
-        work = partial(
-            self._registry.usage, tenant=tenant, key_id=key_id, served_by=served_by, since=since, until=until
-        )
+        """``UsageStore.usage``: recorded usage, every filter given matching."""
+        work = partial(self._usage.usage, tenant=tenant, key_id=key_id, served_by=served_by, since=since, until=until)
         return await anyio.to_thread.run_sync(work)
 
     # -- the snapshot ---------------------------------------------------------------------------
@@ -190,4 +192,4 @@ class RegistryView:
         # The keys after the catalog: they are then at least as new as the revision the view records, so a
         # key revoked between the two reads is seen now, not missed until some later change.
         catalog = self._registry.snapshot()
-        return catalog, self._registry.key_ring()
+        return catalog, self._key_store.key_ring()
