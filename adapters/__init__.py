@@ -7,6 +7,9 @@ registry.set_alias("support-bot", "prod", 1)
 registry.resolve("support-bot").path                       # the directory vLLM loads
 registry.snapshot().deployments                            # versions served by a merged model of their own
 
+Merges and deployments are a store of their own over the same database, ``DeploymentStore.beside(registry)``;
+keys, tenants and usage are ``access.store``'s, over ``registry.database``.
+
 Merging (``adapters.merge.merge_version``) imports PEFT, so it is not imported here.
 """
 
@@ -20,6 +23,7 @@ from adapters.catalog import (
     Merge,
     parse_lora_name,
 )
+from adapters.deployments import DeploymentStore
 from adapters.registry import PushResult, Registry
 from adapters.spec import BaseModelSpec
 from adapters.validation import AdapterInfo, validate_adapter_dir
@@ -32,6 +36,7 @@ __all__ = [
     "BaseModelSpec",
     "Catalog",
     "Deployment",
+    "DeploymentStore",
     "Merge",
     "PushResult",
     "Registry",

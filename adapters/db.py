@@ -1,11 +1,15 @@
-"""The registry's tables (SQLAlchemy Core) and engine set-up for SQLite or any SQLAlchemy URL."""
+"""The registry's tables (SQLAlchemy Core), engine set-up for SQLite or any SQLAlchemy URL, and ``Database``:
+the one engine every store (adapters, deployments, keys, usage) works over, with the one write protocol."""
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -31,9 +35,12 @@ from sqlalchemy import (
     inspect,
     select,
     text,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
+
+T = TypeVar("T")
 
 metadata = MetaData()
 
@@ -213,6 +220,61 @@ BASELINE_TABLES = (
     "revision",
 )
 _MIGRATION_LOCK = 0x51_7569_7665  # any constant shared by every gateway: "Quive"
+# Writers are serialized by the revision row, so a collision means a writer outside that protocol;
+# a few retries are plenty.
+_WRITE_ATTEMPTS = 5
+
+
+class Database:
+    """The registry's database: one engine, shared by every store over it.
+
+    Every change goes through ``write``, which bumps the revision first, so gateways polling the revision
+    see it and writers take turns; only what is no registry change (usage counts) uses ``write_unversioned``.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._writer = engine.execution_options(**{WRITE: True})
+
+    @classmethod
+    def open(cls, url: str) -> Database:
+        """The database at ``url``, created or migrated to the newest schema (see ``open_engine``)."""
+        return cls(open_engine(url))
+
+    def close(self) -> None:
+        """Release the engine's connections."""
+        self.engine.dispose()
+
+    def read(self) -> AbstractContextManager[Connection]:
+        """A read transaction."""
+        return self.engine.begin()
+
+    def write(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a write transaction that bumps the revision; retry on unique-key collisions."""
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                with self._writer.begin() as conn:
+                    # First statement: on PostgreSQL the row lock makes writers take turns.
+                    conn.execute(update(revision).where(revision.c.id == 1).values(value=revision.c.value + 1))
+                    return work(conn)
+            except IntegrityError:
+                if attempt == _WRITE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def write_unversioned(self) -> AbstractContextManager[Connection]:
+        """A write transaction that leaves the revision alone: for what gateways need not reload."""
+        return self._writer.begin()
+
+    def revision(self, conn: Connection) -> int:
+        """The revision counter as ``conn``'s transaction sees it: bumped by every change."""
+        return int(conn.scalar(select(revision.c.value).where(revision.c.id == 1)) or 0)
+
+
+def utc(value: datetime) -> datetime:
+    """A stored time in UTC: SQLite hands back naive datetimes (we stored UTC), PostgreSQL aware ones in the
+    session's zone."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def sql_engine(url: str) -> Engine:

@@ -8,48 +8,29 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import MappingProxyType, TracebackType
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, RowMapping, delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, delete, func, insert, select, update
 
-from access import keys
-from access.keys import ApiKey, KeyRing, NewKey, Tenant
-from access.usage import UsageRow
-from adapters import db
+from adapters import db, queries
 from adapters.archive import UploadLimits, extract_archive
-from adapters.catalog import (
-    MERGE_FILE,
-    VERSION_REF,
-    Adapter,
-    AdapterRouting,
-    AdapterVersion,
-    Catalog,
-    Deployment,
-    Merge,
-    lora_name,
-)
+from adapters.catalog import MERGE_FILE, VERSION_REF, Adapter, AdapterVersion, Catalog
 from adapters.promotion import DEFAULT_MARGIN, PROMOTED_ALIASES, promotion_refusal
 from adapters.spec import BaseModelSpec
 from adapters.store import LocalStore, delete_tree, digest
 from adapters.validation import AdapterInfo, adapter_files, validate_adapter_dir
 from core.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 
-T = TypeVar("T")
-
 # ':' makes room for fine-tuned models named as OpenAI names them, ``ft:<base>:<suffix>:<job id>``;
 # '@' stays out, since it separates a name from a version or alias.
 NAME_RULE = re.compile(r"[a-z0-9][a-z0-9._:-]{0,63}")
 ALIAS_RULE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
-# Writers are serialized by the revision row, so a collision means a writer outside that protocol;
-# a few retries are plenty.
-_WRITE_ATTEMPTS = 5
 
 
 class Unset:
@@ -68,11 +49,16 @@ class PushResult:
 
 
 class Registry:
-    """Versions and aliases of named LoRA adapters. Synchronous; the gateway calls it from a thread."""
+    """Versions, aliases, eval reports and routing of named LoRA adapters. Synchronous; the gateway calls it
+    from a thread.
+
+    The other stores over the same database (``adapters.deployments.DeploymentStore``, ``access.store``) are
+    opened over ``database``; closing the registry closes it.
+    """
 
     def __init__(
         self,
-        engine: Engine,
+        database: db.Database,
         store: LocalStore,
         *,
         base: BaseModelSpec | None,
@@ -81,9 +67,8 @@ class Registry:
         reserved_names: frozenset[str],
         promotion_margin: float = DEFAULT_MARGIN,
     ) -> None:
-        self._engine = engine
-        self._writer = engine.execution_options(**{db.WRITE: True})
-        self._store = store
+        self.database = database
+        self.store = store
         self._base = base
         self._max_lora_rank = max_lora_rank
         self._limits = limits
@@ -106,7 +91,7 @@ class Registry:
         store = LocalStore(store_root)
         store.sweep()
         return cls(
-            db.open_engine(database_url),
+            db.Database.open(database_url),
             store,
             base=base,
             max_lora_rank=max_lora_rank,
@@ -117,7 +102,7 @@ class Registry:
 
     def close(self) -> None:
         """Release database connections."""
-        self._engine.dispose()
+        self.database.close()
 
     def __enter__(self) -> Registry:
         return self
@@ -138,7 +123,7 @@ class Registry:
         self._check_name(name)
         if not directory.is_dir():
             raise InvalidRequest(f"{directory} is not a directory", param="directory")
-        with self._store.staging() as staged:
+        with self.store.staging() as staged:
             for path in adapter_files(directory):
                 shutil.copyfile(path, staged / path.name)
             return self._push_staged(name, staged, tenant)
@@ -146,36 +131,36 @@ class Registry:
     def push_archive(self, name: str, archive_path: Path, *, tenant: str | None = None) -> PushResult:
         """Push an adapter uploaded as a ``.tar``, ``.tar.gz`` or ``.zip`` archive (``tenant`` as in ``push_dir``)."""
         self._check_name(name)
-        with self._store.staging() as staged:
+        with self.store.staging() as staged:
             extract_archive(archive_path, staged, self._limits)
             return self._push_staged(name, staged, tenant)
 
     def _push_staged(self, name: str, staged: Path, tenant: str | None) -> PushResult:
         info = validate_adapter_dir(staged, self._base, self._max_lora_rank)
         sha256 = digest(staged)
-        with self._engine.begin() as conn:
+        with self.database.read() as conn:
             self._check_tenant(conn, name, tenant)
-            existing = self._version_by_sha(conn, name, sha256)
+            existing = queries.version_by_sha(conn, self.store.root, name, sha256)
         if existing is not None:
             return PushResult(existing, created=False)
-        final = self._store.commit(staged, name, sha256)
+        final = self.store.commit(staged, name, sha256)
         try:
-            return self._write(lambda conn: self._insert_version(conn, name, sha256, final, info, tenant))
+            return self.database.write(lambda conn: self._insert_version(conn, name, sha256, final, info, tenant))
         except BaseException:
             # Take the files back unless a row uses them (a concurrent push of the same content may).
             # If even that check fails, keep them: an identical push later reuses them.
             with suppress(Exception):
-                with self._engine.begin() as conn:
-                    referenced = self._version_by_sha(conn, name, sha256) is not None
+                with self.database.read() as conn:
+                    referenced = queries.version_by_sha(conn, self.store.root, name, sha256) is not None
                 if not referenced:
-                    self._store.remove(final)
+                    self.store.remove(final)
             raise
 
     def _insert_version(
         self, conn: Connection, name: str, sha256: str, final: Path, info: AdapterInfo, tenant: str | None
     ) -> PushResult:
         self._check_tenant(conn, name, tenant)  # again: the name may have been taken since the first check
-        existing = self._version_by_sha(conn, name, sha256)
+        existing = queries.version_by_sha(conn, self.store.root, name, sha256)
         if existing is not None:  # a concurrent push of the same content won
             return PushResult(existing, created=False)
         now = datetime.now(UTC)
@@ -190,7 +175,7 @@ class Registry:
                 adapter_name=name,
                 number=number,
                 sha256=sha256,
-                path=final.relative_to(self._store.root).as_posix(),
+                path=final.relative_to(self.store.root).as_posix(),
                 rank=info.rank,
                 target_modules=list(info.target_modules),
                 size_bytes=info.size_bytes,
@@ -198,7 +183,7 @@ class Registry:
                 manifest=dict(info.manifest) if info.manifest is not None else None,
             )
         )
-        created = self._version_by_sha(conn, name, sha256)
+        created = queries.version_by_sha(conn, self.store.root, name, sha256)
         assert created is not None  # just inserted, same transaction
         return PushResult(created, created=True)
 
@@ -206,32 +191,36 @@ class Registry:
 
     def adapters(self) -> list[Adapter]:
         """Every adapter, by name."""
-        with self._engine.begin() as conn:
-            return self._load(conn)
+        with self.database.read() as conn:
+            return queries.adapters(conn, self.store.root)
 
     def adapter(self, name: str) -> Adapter:
         """The adapter ``name``; NotFound if there is none."""
-        with self._engine.begin() as conn:
-            return self._load_one(conn, name)
+        with self.database.read() as conn:
+            return queries.adapter(conn, self.store.root, name)
 
     def snapshot(self) -> Catalog:
         """An immutable, consistent view of every adapter, tagged with the revision it was read at."""
-        with self._engine.begin() as conn:
-            return Catalog(self._load(conn), revision=self._revision(conn), deployments=self._deployments(conn))
+        with self.database.read() as conn:
+            return Catalog(
+                queries.adapters(conn, self.store.root),
+                revision=self.database.revision(conn),
+                deployments=queries.deployments(conn),
+            )
 
     def resolve(self, model: str) -> AdapterVersion:
         """The version that ``name``, ``name@vN`` or ``name@alias`` means now; ModelNotFound otherwise.
 
         Each call reads the database; on a hot path keep a ``snapshot()`` while ``revision()`` stands.
         """
-        with self._engine.begin() as conn:
-            found = self._load(conn, names=[Catalog.adapter_name(model)])
+        with self.database.read() as conn:
+            found = queries.adapters(conn, self.store.root, names=[Catalog.adapter_name(model)])
         return Catalog(found).resolve(model)
 
     def revision(self) -> int:
         """A counter bumped by every change: a cheap way to tell that a snapshot is stale."""
-        with self._engine.begin() as conn:
-            return self._revision(conn)
+        with self.database.read() as conn:
+            return self.database.revision(conn)
 
     # -- aliases and deletion -------------------------------------------------------------------
 
@@ -249,7 +238,7 @@ class Registry:
             )
 
         def work(conn: Connection) -> Adapter:
-            version = self._require_version(conn, name, number)
+            version = queries.version(conn, self.store.root, name, number)
             if alias in PROMOTED_ALIASES and not force:
                 reason = promotion_refusal(version, self.promotion_margin)
                 if reason is not None:
@@ -259,23 +248,23 @@ class Registry:
                 conn.execute(insert(db.aliases).values(adapter_name=name, alias=alias, version_number=number))
             else:
                 conn.execute(update(db.aliases).where(key).values(version_number=number))
-            return self._load_one(conn, name)
+            return queries.adapter(conn, self.store.root, name)
 
-        return self._write(work)
+        return self.database.write(work)
 
     def record_evaluation(self, name: str, number: int, report: dict[str, Any]) -> AdapterVersion:
         """Store an eval report with version ``number``; it becomes the one promotion reads."""
 
         def work(conn: Connection) -> AdapterVersion:
-            self._require_version(conn, name, number)
+            queries.version(conn, self.store.root, name, number)
             conn.execute(
                 insert(db.evaluations).values(
                     adapter_name=name, version_number=number, report=report, created_at=datetime.now(UTC)
                 )
             )
-            return self._require_version(conn, name, number)
+            return queries.version(conn, self.store.root, name, number)
 
-        return self._write(work)
+        return self.database.write(work)
 
     def set_routing(
         self,
@@ -301,7 +290,7 @@ class Registry:
                     )
 
         def work(conn: Connection) -> Adapter:
-            current = self._load_one(conn, name).routing
+            current = queries.adapter(conn, self.store.root, name).routing
             row = {
                 "description": current.description if isinstance(description, Unset) else description,
                 "examples": list(current.examples if isinstance(examples, Unset) else examples),
@@ -313,9 +302,9 @@ class Registry:
             }
             if conn.execute(update(db.routing).where(db.routing.c.adapter_name == name).values(**row)).rowcount == 0:
                 conn.execute(insert(db.routing).values(adapter_name=name, **row))
-            return self._load_one(conn, name)
+            return queries.adapter(conn, self.store.root, name)
 
-        return self._write(work)
+        return self.database.write(work)
 
     def delete_alias(self, name: str, alias: str) -> None:
         """Remove ``name@alias``; NotFound if it does not exist."""
@@ -323,10 +312,10 @@ class Registry:
         def work(conn: Connection) -> None:
             key = (db.aliases.c.adapter_name == name) & (db.aliases.c.alias == alias)
             if conn.execute(delete(db.aliases).where(key)).rowcount == 0:
-                self._load_one(conn, name)  # NotFound for an unknown adapter first
+                queries.adapter(conn, self.store.root, name)  # NotFound for an unknown adapter first
                 raise NotFound(f"adapter '{name}' has no alias '{alias}'", param="alias")
 
-        self._write(work)
+        self.database.write(work)
 
     def delete_version(self, name: str, number: int) -> None:
         """Delete version ``number``, its files and its merged models; Conflict while an alias or a deployment uses it.
@@ -335,7 +324,7 @@ class Registry:
         """
 
         def work(conn: Connection) -> list[Path]:
-            version = self._require_version(conn, name, number)
+            version = queries.version(conn, self.store.root, name, number)
             pointing = conn.scalars(
                 select(db.aliases.c.alias)
                 .where((db.aliases.c.adapter_name == name) & (db.aliases.c.version_number == number))
@@ -346,13 +335,13 @@ class Registry:
                 raise Conflict(
                     f"{version.lora_name} is still pointed at by {names}; move or delete those aliases first"
                 )
-            deployment = self._deployment(conn, name, number)
+            deployment = queries.deployment(conn, name, number)
             if deployment is not None:
                 raise Conflict(
                     f"{version.lora_name} is deployed at {deployment.url}; "
                     f"remove the deployment first (quiver deploy rm {version.lora_name})"
                 )
-            merged = [m.path for m in self._merges(conn, name, number)]
+            merged = [m.path for m in queries.merges(conn, name, number)]
             for table in (db.evaluations, db.merges):
                 conn.execute(delete(table).where((table.c.adapter_name == name) & (table.c.version_number == number)))
             conn.execute(
@@ -365,237 +354,13 @@ class Registry:
                 conn.execute(delete(db.adapters).where(db.adapters.c.name == name))
             return [version.path, *merged]
 
-        path, *merged = self._write(work)
+        path, *merged = self.database.write(work)
         # Files go only after the row is gone: a visible version always has its directory.
-        self._store.remove(path)
+        self.store.remove(path)
         for directory in merged:
             # Only a directory Quiver's merge wrote: the path is whatever `--output` said.
             if (directory / MERGE_FILE).is_file():
                 delete_tree(directory)
-
-    # -- merges and deployments -----------------------------------------------------------------
-
-    def record_merge(self, name: str, number: int, path: Path, report: dict[str, Any]) -> Merge:
-        """Store a merged model of version ``number`` (its directory and equivalence report)."""
-
-        def work(conn: Connection) -> Merge:
-            self._require_version(conn, name, number)
-            conn.execute(
-                insert(db.merges).values(
-                    adapter_name=name,
-                    version_number=number,
-                    path=str(path.resolve()),
-                    report=report,
-                    created_at=datetime.now(UTC),
-                )
-            )
-            return self._merges(conn, name, number)[-1]
-
-        return self._write(work)
-
-    def merges(self, name: str, number: int) -> list[Merge]:
-        """Every merge recorded for version ``number``, oldest first; NotFound for an unknown version."""
-        with self._engine.begin() as conn:
-            self._require_version(conn, name, number)
-            return self._merges(conn, name, number)
-
-    def latest_merge(self, name: str, number: int) -> Merge | None:
-        """The newest merge of version ``number``, or None when it was never merged."""
-        merges = self.merges(name, number)
-        return merges[-1] if merges else None
-
-    def add_deployment(self, name: str, number: int, url: str, served_model: str, pid: int | None = None) -> Deployment:
-        """Register a dedicated server at ``url`` serving version ``number`` as ``served_model``.
-
-        Conflict when the version already has one: a version is deployed at most once.
-        """
-
-        def work(conn: Connection) -> Deployment:
-            self._check_deployable(conn, name, number)
-            conn.execute(
-                insert(db.deployments).values(
-                    adapter_name=name,
-                    version_number=number,
-                    url=url.rstrip("/"),
-                    served_model=served_model,
-                    pid=pid,
-                    created_at=datetime.now(UTC),
-                )
-            )
-            created = self._deployment(conn, name, number)
-            assert created is not None  # just inserted, same transaction
-            return created
-
-        return self._write(work)
-
-    def check_deployable(self, name: str, number: int) -> AdapterVersion:
-        """What ``add_deployment`` would refuse (NotFound, Conflict), checked before a server is started for it."""
-        with self._engine.begin() as conn:
-            return self._check_deployable(conn, name, number)
-
-    def remove_deployment(self, name: str, number: int) -> Deployment:
-        """Unregister version ``number``'s deployment, so its traffic returns to the adapter; NotFound if none."""
-
-        def work(conn: Connection) -> Deployment:
-            existing = self._deployment(conn, name, number)
-            if existing is None:
-                raise NotFound(f"{lora_name(name, number)} is not deployed", param="model")
-            d = db.deployments
-            conn.execute(delete(d).where((d.c.adapter_name == name) & (d.c.version_number == number)))
-            return existing
-
-        return self._write(work)
-
-    def deployments(self) -> list[Deployment]:
-        """Every deployment, by name and version."""
-        with self._engine.begin() as conn:
-            return self._deployments(conn)
-
-    # -- keys, tenants and usage ------------------------------------------------------------------
-
-    def create_key(
-        self,
-        tenant: str,
-        scopes: Iterable[str],
-        *,
-        name: str | None = None,
-        requests_per_min: int | None = None,
-        tokens_per_min: int | None = None,
-        expires_at: datetime | None = None,
-    ) -> NewKey:
-        """A new API key of ``tenant`` (created if new); the returned token is the only copy of its secret."""
-        if not keys.TENANT_RULE.fullmatch(tenant):
-            raise InvalidRequest(
-                f"invalid tenant {tenant!r}: use 1-64 characters a-z, 0-9, '.', '_', '-', "
-                "starting with a letter or digit",
-                param="tenant",
-            )
-        try:
-            checked = keys.check_scopes(scopes)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc), param="scopes") from None
-        for value, param in ((requests_per_min, "requests_per_min"), (tokens_per_min, "tokens_per_min")):
-            if value is not None and value < 1:
-                raise InvalidRequest(f"{param} must be at least 1 (leave it out for no limit)", param=param)
-        now = datetime.now(UTC)
-        if expires_at is not None and expires_at <= now:
-            raise InvalidRequest("expires_at is in the past", param="expires_at")
-        key_id, token, sha256 = keys.new_secret()
-
-        def work(conn: Connection) -> NewKey:
-            if conn.scalar(select(db.tenants.c.name).where(db.tenants.c.name == tenant)) is None:
-                conn.execute(insert(db.tenants).values(name=tenant, created_at=now))
-            row = {
-                "id": key_id,
-                "secret_sha256": sha256,
-                "tenant": tenant,
-                "name": name,
-                "scopes": list(checked),
-                "requests_per_min": requests_per_min,
-                "tokens_per_min": tokens_per_min,
-                "created_at": now,
-                "expires_at": expires_at,
-                "revoked_at": None,
-            }
-            conn.execute(insert(db.api_keys).values(**row))
-            return keys.NewKey(_api_key(row), token)
-
-        return self._write(work)
-
-    def api_keys(self, tenant: str | None = None) -> list[ApiKey]:
-        """Every key (of ``tenant``), oldest first, revoked and expired ones included."""
-        query = select(db.api_keys).order_by(db.api_keys.c.created_at, db.api_keys.c.id)
-        if tenant is not None:
-            query = query.where(db.api_keys.c.tenant == tenant)
-        with self._engine.begin() as conn:
-            return [_api_key(row) for row in conn.execute(query).mappings()]
-
-    def revoke_key(self, key_id: str) -> ApiKey:
-        """Revoke a key at once (gateways see it at their next registry refresh); NotFound if there is none."""
-
-        def work(conn: Connection) -> ApiKey:
-            k = db.api_keys
-            row = conn.execute(select(k).where(k.c.id == key_id)).mappings().first()
-            if row is None:
-                raise NotFound(f"no API key with id '{key_id}'", param="key_id")
-            if row["revoked_at"] is None:
-                conn.execute(update(k).where(k.c.id == key_id).values(revoked_at=datetime.now(UTC)))
-            return _api_key(conn.execute(select(k).where(k.c.id == key_id)).mappings().one())
-
-        return self._write(work)
-
-    def set_tenant_limits(
-        self, tenant: str, *, requests_per_min: int | None | Unset = UNSET, tokens_per_min: int | None | Unset = UNSET
-    ) -> Tenant:
-        """Change a tenant's per-minute limits (None: unlimited; left out: unchanged); NotFound if it has no keys."""
-
-        def work(conn: Connection) -> Tenant:
-            t = db.tenants
-            values = {
-                k: v
-                for k, v in (("requests_per_min", requests_per_min), ("tokens_per_min", tokens_per_min))
-                if not isinstance(v, Unset)
-            }
-            for param, value in values.items():
-                if value is not None and value < 1:
-                    raise InvalidRequest(f"{param} must be at least 1 (or none for no limit)", param=param)
-            if values:
-                conn.execute(update(t).where(t.c.name == tenant).values(**values))
-            row = conn.execute(select(t).where(t.c.name == tenant)).mappings().first()
-            if row is None:
-                raise NotFound(f"tenant '{tenant}' does not exist (it is made with its first key)", param="tenant")
-            return _tenant(row)
-
-        return self._write(work)
-
-    def key_ring(self) -> KeyRing:
-        """Every key and tenant, for checking tokens in memory."""
-        with self._engine.begin() as conn:
-            found = [_api_key(r) for r in conn.execute(select(db.api_keys)).mappings()]
-            tenants = [_tenant(r) for r in conn.execute(select(db.tenants)).mappings()]
-            return KeyRing(found, tenants, self._revision(conn))
-
-    def record_usage(self, rows: Sequence[UsageRow]) -> None:
-        """Add counts to the per-minute usage table; not a registry change, so the revision stays."""
-        if not rows:
-            return
-        u = db.usage
-        with self._writer.begin() as conn:
-            upsert = db.upsert(conn, u)
-            for row in rows:
-                statement = upsert.values(**row.as_dict()).on_conflict_do_update(
-                    index_elements=["minute", "tenant", "key_id", "served_by"],
-                    set_={c: u.c[c] + upsert.excluded[c] for c in UsageRow.COUNTS},
-                )
-                conn.execute(statement)
-
-    def usage(
-        self,
-        *,
-        tenant: str | None = None,
-        key_id: str | None = None,
-        served_by: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> list[UsageRow]:
-        """Usage per minute, key, tenant and what served it; every filter given must match (``served_by``:
-        ``name@vN`` exactly, or ``name`` for all of an adapter's versions)."""
-        u = db.usage
-        query = select(u).order_by(u.c.minute, u.c.tenant, u.c.key_id, u.c.served_by)
-        if tenant is not None:
-            query = query.where(u.c.tenant == tenant)
-        if key_id is not None:
-            query = query.where(u.c.key_id == key_id)
-        if served_by is not None:
-            query = query.where(
-                (u.c.served_by == served_by) | u.c.served_by.startswith(f"{served_by}@", autoescape=True)
-            )
-        if since is not None:
-            query = query.where(u.c.minute >= since)
-        if until is not None:
-            query = query.where(u.c.minute < until)
-        with self._engine.begin() as conn:
-            return [UsageRow.from_row(r) for r in conn.execute(query).mappings()]
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -617,178 +382,3 @@ class Registry:
             )
         if name in self._reserved_names:
             raise InvalidRequest(f"adapter name {name!r} is reserved", param="name")
-
-    def _write(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` in a write transaction that bumps the revision; retry on unique-key collisions."""
-        for attempt in range(_WRITE_ATTEMPTS):
-            try:
-                with self._writer.begin() as conn:
-                    # First statement: on PostgreSQL the row lock makes writers take turns.
-                    conn.execute(update(db.revision).where(db.revision.c.id == 1).values(value=db.revision.c.value + 1))
-                    return work(conn)
-            except IntegrityError:
-                if attempt == _WRITE_ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _revision(self, conn: Connection) -> int:
-        return int(conn.scalar(select(db.revision.c.value).where(db.revision.c.id == 1)) or 0)
-
-    def _require_version(self, conn: Connection, name: str, number: int) -> AdapterVersion:
-        adapter = self._load_one(conn, name)
-        for version in adapter.versions:
-            if version.number == number:
-                return version
-        have = ", ".join(f"v{v.number}" for v in adapter.versions)
-        raise NotFound(f"adapter '{name}' has no version v{number}; it has {have}", param="number")
-
-    def _load_one(self, conn: Connection, name: str) -> Adapter:
-        found = self._load(conn, names=[name])
-        if not found:
-            raise NotFound(f"adapter '{name}' does not exist", param="name")
-        return found[0]
-
-    def _load(self, conn: Connection, names: Iterable[str] | None = None) -> list[Adapter]:
-        """Adapters (all, or those in ``names``) with their versions and aliases, in three queries."""
-        a, v, al = db.adapters, db.versions, db.aliases
-        adapter_q = select(a).order_by(a.c.name)
-        version_q = select(v).order_by(v.c.adapter_name, v.c.number)
-        alias_q = select(al)
-        if names is not None:
-            wanted = list(names)
-            adapter_q = adapter_q.where(a.c.name.in_(wanted))
-            version_q = version_q.where(v.c.adapter_name.in_(wanted))
-            alias_q = alias_q.where(al.c.adapter_name.in_(wanted))
-        ev = db.evaluations
-        # Only each version's newest report: older ones stay in the table as history.
-        newest = select(func.max(ev.c.id)).group_by(ev.c.adapter_name, ev.c.version_number)
-        if names is not None:
-            newest = newest.where(ev.c.adapter_name.in_(wanted))
-        evaluation_q = select(ev.c.adapter_name, ev.c.version_number, ev.c.report).where(ev.c.id.in_(newest))
-        evaluations = {(r.adapter_name, r.version_number): r.report for r in conn.execute(evaluation_q)}
-        versions: dict[str, list[AdapterVersion]] = {}
-        for row in conn.execute(version_q).mappings():
-            evaluation = evaluations.get((row["adapter_name"], row["number"]))
-            versions.setdefault(row["adapter_name"], []).append(self._version(row, evaluation))
-        aliases: dict[str, dict[str, int]] = {}
-        for row in conn.execute(alias_q).mappings():
-            aliases.setdefault(row["adapter_name"], {})[row["alias"]] = row["version_number"]
-        routing_q = select(db.routing)
-        if names is not None:
-            routing_q = routing_q.where(db.routing.c.adapter_name.in_(wanted))
-        routing = {r.adapter_name: _routing(r) for r in conn.execute(routing_q)}
-        return [
-            Adapter(
-                name=row["name"],
-                versions=tuple(versions.get(row["name"], ())),
-                aliases=MappingProxyType(dict(sorted(aliases.get(row["name"], {}).items()))),
-                created_at=_utc(row["created_at"]),
-                routing=routing.get(row["name"], AdapterRouting()),
-                tenant=row["tenant"],
-            )
-            for row in conn.execute(adapter_q).mappings()
-        ]
-
-    def _merges(self, conn: Connection, name: str, number: int) -> list[Merge]:
-        m = db.merges
-        rows = conn.execute(
-            select(m).where((m.c.adapter_name == name) & (m.c.version_number == number)).order_by(m.c.id)
-        ).mappings()
-        return [
-            Merge(
-                name=row["adapter_name"],
-                number=row["version_number"],
-                path=Path(row["path"]),
-                report=MappingProxyType(row["report"]),
-                created_at=_utc(row["created_at"]),
-            )
-            for row in rows
-        ]
-
-    def _deployments(self, conn: Connection, name: str | None = None, number: int | None = None) -> list[Deployment]:
-        d = db.deployments
-        query = select(d).order_by(d.c.adapter_name, d.c.version_number)
-        if name is not None:
-            query = query.where((d.c.adapter_name == name) & (d.c.version_number == number))
-        return [
-            Deployment(
-                name=row["adapter_name"],
-                number=row["version_number"],
-                url=row["url"],
-                served_model=row["served_model"],
-                pid=row["pid"],
-                created_at=_utc(row["created_at"]),
-            )
-            for row in conn.execute(query).mappings()
-        ]
-
-    def _check_deployable(self, conn: Connection, name: str, number: int) -> AdapterVersion:
-        version = self._require_version(conn, name, number)
-        existing = self._deployment(conn, name, number)
-        if existing is not None:
-            raise Conflict(
-                f"{version.lora_name} is already deployed at {existing.url}; "
-                f"remove that deployment first (quiver deploy rm {version.lora_name})"
-            )
-        return version
-
-    def _deployment(self, conn: Connection, name: str, number: int) -> Deployment | None:
-        found = self._deployments(conn, name, number)
-        return found[0] if found else None
-
-    def _version_by_sha(self, conn: Connection, name: str, sha256: str) -> AdapterVersion | None:
-        row = (
-            conn.execute(
-                select(db.versions).where((db.versions.c.adapter_name == name) & (db.versions.c.sha256 == sha256))
-            )
-            .mappings()
-            .first()
-        )
-        return self._version(row) if row is not None else None
-
-    def _version(self, row: RowMapping, evaluation: dict[str, Any] | None = None) -> AdapterVersion:
-        return AdapterVersion(
-            name=row["adapter_name"],
-            number=row["number"],
-            sha256=row["sha256"],
-            path=self._store.root / row["path"],
-            rank=row["rank"],
-            target_modules=tuple(row["target_modules"]),
-            size_bytes=row["size_bytes"],
-            created_at=_utc(row["created_at"]),
-            manifest=row["manifest"],
-            evaluation=evaluation,
-        )
-
-
-def _routing(row: Row[Any]) -> AdapterRouting:
-    fallback = row.fallback
-    return AdapterRouting(
-        description=row.description,
-        examples=tuple(row.examples or ()),
-        fallback=tuple(fallback) if fallback is not None else None,
-    )
-
-
-def _api_key(row: Mapping[Any, Any]) -> ApiKey:
-    return ApiKey(
-        id=row["id"],
-        tenant=row["tenant"],
-        name=row["name"],
-        scopes=tuple(row["scopes"]),
-        requests_per_min=row["requests_per_min"],
-        tokens_per_min=row["tokens_per_min"],
-        created_at=_utc(row["created_at"]),
-        expires_at=_utc(row["expires_at"]) if row["expires_at"] is not None else None,
-        revoked_at=_utc(row["revoked_at"]) if row["revoked_at"] is not None else None,
-        secret_sha256=row["secret_sha256"],
-    )
-
-
-def _tenant(row: Mapping[Any, Any]) -> Tenant:
-    return Tenant(row["name"], row["requests_per_min"], row["tokens_per_min"], _utc(row["created_at"]))
-
-
-def _utc(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes (we stored UTC); PostgreSQL aware ones in the session's zone.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

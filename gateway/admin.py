@@ -105,8 +105,7 @@ async def push(request: Request, gateway: GatewayDep, principal: Writer, respons
         )
         try:
             archive = await anyio.to_thread.run_sync(spool, upload, workdir / "upload", limit)
-            push_archive = gateway.registry.registry.push_archive
-            result = await gateway.registry.call(lambda: push_archive(name, archive, tenant=tenant))
+            result = await gateway.registry.push_archive(name, archive, tenant=tenant)
         finally:
             await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
     if not result.created:
@@ -147,7 +146,7 @@ def writable(gateway: Gateway, principal: Principal, name: str) -> None:
 @adapters_router.get("", response_model=AdapterList)
 async def list_adapters(gateway: GatewayDep, principal: Reader) -> AdapterList:
     """Every adapter the caller sees, with its versions and aliases."""
-    adapters = await gateway.registry.call(gateway.registry.registry.adapters)
+    adapters = await gateway.registry.adapters()
     tenant = principal.visible_tenant
     return AdapterList(data=[adapter_public(a) for a in adapters if tenant is None or a.tenant in (None, tenant)])
 
@@ -156,7 +155,7 @@ async def list_adapters(gateway: GatewayDep, principal: Reader) -> AdapterList:
 async def get_adapter(name: str, gateway: GatewayDep, principal: Reader) -> AdapterPublic:
     """One adapter, or 404."""
     visible(gateway, principal, name)
-    return adapter_public(await gateway.registry.call(gateway.registry.registry.adapter, name), manifest=True)
+    return adapter_public(await gateway.registry.adapter(name), manifest=True)
 
 
 @adapters_router.patch("/{name}", response_model=AdapterPublic)
@@ -169,16 +168,14 @@ async def set_routing(name: str, body: RoutingUpdate, gateway: GatewayDep, princ
             gateway.router.policy.check_target(target, "fallback")
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="fallback") from None
-    registry = gateway.registry
-    return adapter_public(await registry.call(lambda: registry.registry.set_routing(name, **given)), manifest=True)
+    return adapter_public(await gateway.registry.set_routing(name, **given), manifest=True)
 
 
 @adapters_router.put("/{name}/aliases/{alias}", response_model=AdapterPublic)
 async def set_alias(name: str, alias: str, body: AliasUpdate, gateway: GatewayDep, principal: Writer) -> AdapterPublic:
     """Point ``name@alias`` at a version; takes effect on the next request. ``prod`` needs a passing eval report."""
     writable(gateway, principal, name)
-    registry = gateway.registry
-    moved = await registry.call(lambda: registry.registry.set_alias(name, alias, body.version, force=body.force))
+    moved = await gateway.registry.set_alias(name, alias, body.version, force=body.force)
     return adapter_public(moved)
 
 
@@ -186,7 +183,7 @@ async def set_alias(name: str, alias: str, body: AliasUpdate, gateway: GatewayDe
 async def delete_alias(name: str, alias: str, gateway: GatewayDep, principal: Writer) -> Response:
     """Remove an alias."""
     writable(gateway, principal, name)
-    await gateway.registry.call(gateway.registry.registry.delete_alias, name, alias)
+    await gateway.registry.delete_alias(name, alias)
     return Response(status_code=204)
 
 
@@ -194,7 +191,7 @@ async def delete_alias(name: str, alias: str, gateway: GatewayDep, principal: Wr
 async def delete_version(name: str, number: int, gateway: GatewayDep, principal: Writer) -> Response:
     """Delete a version; refused with 409 while an alias points at it."""
     writable(gateway, principal, name)
-    await gateway.registry.call(gateway.registry.registry.delete_version, name, number)
+    await gateway.registry.delete_version(name, number)
     await gateway.pool.discard(f"{name}@v{number}")
     return Response(status_code=204)
 
@@ -215,7 +212,7 @@ def deployment_public(deployment: Deployment) -> DeploymentPublic:
 @deployments_router.get("", response_model=DeploymentList)
 async def list_deployments(gateway: GatewayDep, principal: Reader) -> DeploymentList:
     """Every version the caller sees that is served by a dedicated server of its own."""
-    deployments = await gateway.registry.call(gateway.registry.registry.deployments)
+    deployments = await gateway.registry.deployments()
     seen = gateway.registry.catalog.visible_to(principal.visible_tenant).adapters
     return DeploymentList(data=[deployment_public(d) for d in deployments if d.name in seen])
 
@@ -226,7 +223,7 @@ async def delete_deployment(model: str, gateway: GatewayDep, principal: Writer) 
     (it may be on another machine); ``quiver deploy rm`` also stops one that quiver started."""
     name, number = parse_lora_name(model)
     writable(gateway, principal, name)
-    removed = await gateway.registry.call(gateway.registry.registry.remove_deployment, name, number)
+    removed = await gateway.registry.remove_deployment(name, number)
     return deployment_public(removed)
 
 
@@ -246,10 +243,7 @@ async def usage(
             raise NotFound(f"tenant '{tenant}' does not exist", param="tenant")
         tenant = principal.tenant
     await gateway.usage.flush()  # what this gateway counted so far, too
-    query = gateway.registry.registry.usage
-    rows = await anyio.to_thread.run_sync(
-        lambda: query(tenant=tenant, key_id=key_id, served_by=adapter, since=since, until=until)
-    )
+    rows = await gateway.registry.usage(tenant=tenant, key_id=key_id, served_by=adapter, since=since, until=until)
     return UsageList(data=[UsagePublic(**r.as_dict()) for r in rows])
 
 

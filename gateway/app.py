@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from adapters import BaseModelSpec, Registry
+from adapters.db import Database
 from core.embeddings import Embedder
 from core.errors import QuiverError
 from gateway import admin, files, fine_tuning, routes
@@ -79,7 +80,7 @@ async def _base_spec(settings: Settings, replica: VllmReplica) -> BaseModelSpec 
 
 def open_registry(settings: Settings, base: BaseModelSpec | None) -> Registry:
     """The registry these settings describe; the gateway and the CLI open it the same way."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # the default SQLite database is in it
     reserved = {BASE_ALIAS, AUTO} | ({settings.base_model} if settings.base_model else set())
     return Registry.open(
         settings.registry_url,
@@ -89,6 +90,12 @@ def open_registry(settings: Settings, base: BaseModelSpec | None) -> Registry:
         reserved_names=frozenset(reserved),
         promotion_margin=settings.promotion_margin,
     )
+
+
+def open_database(settings: Settings) -> Database:
+    """The registry's database alone, for the stores that need no adapter store (keys, tenants, usage)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # the default SQLite database is in it
+    return Database.open(settings.registry_url)
 
 
 async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None, tracing: Tracing) -> Gateway:
@@ -118,7 +125,7 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None,
     )
     base = await _base_spec(settings, pool.first.replica)
     registry = await anyio.to_thread.run_sync(open_registry, settings, base)
-    view = await anyio.to_thread.run_sync(RegistryView, registry)
+    view = await anyio.to_thread.run_sync(RegistryView.over, registry)
     frontiers = {name: Frontier(config, transport=transport) for name, config in policy.frontiers.items()}
     for frontier in frontiers.values():
         frontier.tracing = tracing
@@ -141,7 +148,7 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None,
         auto=SemanticRouter(policy.auto.threshold, embedder),
         merged=merged,
     )
-    usage = UsageMeter(registry)
+    usage = UsageMeter(view)
     proxy = Proxy(router, metrics, meter, rag, usage)
     admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
     auth = Authenticator(lambda: view.keys, admin_key)
@@ -210,7 +217,7 @@ def create_app(
             await anyio.to_thread.run_sync(gateway.rag.rag.close)
             for frontier in gateway.frontiers.values():
                 await frontier.aclose()
-            await anyio.to_thread.run_sync(gateway.registry.registry.close)
+            await anyio.to_thread.run_sync(gateway.registry.close)
 
     app = FastAPI(title="Quiver", version="0.1.0", lifespan=lifespan)
     app.add_middleware(RequestContext, tracing=tracing)

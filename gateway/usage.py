@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime
-
-import anyio.to_thread
+from typing import Protocol
 
 from access.usage import UsageRow
-from adapters import Registry
 from gateway.auth import Principal
 from gateway.polling import poll
 
@@ -18,11 +17,18 @@ log = logging.getLogger("quiver.usage")
 _Key = tuple[datetime, str, str, str]
 
 
+class UsageLedger(Protocol):
+    """Where counted usage goes (``RegistryView``: the usage table)."""
+
+    async def record_usage(self, rows: Sequence[UsageRow]) -> None:
+        """Add ``rows`` to what was recorded."""
+
+
 class UsageMeter:
     """Counts each answered request; ``flush`` writes the counts and forgets them."""
 
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
+    def __init__(self, ledger: UsageLedger) -> None:
+        self._ledger = ledger
         self._counts: dict[_Key, Counter[str]] = {}
 
     def record(
@@ -48,7 +54,7 @@ class UsageMeter:
             for (minute, tenant, key_id, served_by), counts in taken.items()
         ]
         try:
-            await anyio.to_thread.run_sync(self._registry.record_usage, rows)
+            await self._ledger.record_usage(rows)
         except BaseException:
             for key, counts in taken.items():  # put them back, merged with what came in meanwhile
                 self._counts.setdefault(key, Counter()).update(counts)

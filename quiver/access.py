@@ -17,7 +17,7 @@ from access.keys import INFERENCE, SCOPES
 from core.errors import QuiverError
 
 if TYPE_CHECKING:
-    from adapters import Registry
+    from adapters.db import Database
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
 tenants_app = typer.Typer(no_args_is_help=True, help="Tenants and their rate limits.")
@@ -26,11 +26,11 @@ console = Console(width=140) if not Console().is_terminal else Console()
 err = Console(stderr=True)
 
 
-def _registry() -> Registry:
-    from gateway.app import open_registry
+def _database() -> Database:
+    from gateway.app import open_database
     from gateway.settings import Settings
 
-    return open_registry(Settings(), None)
+    return open_database(Settings())
 
 
 def _fail(exc: QuiverError) -> NoReturn:
@@ -54,16 +54,18 @@ def keys_create(
     expires_in_days: Annotated[float | None, typer.Option(help="Expire after this many days.")] = None,
 ) -> None:
     """Create a key and print it: it is stored hashed and cannot be shown again."""
+    from access.store import KeyStore
+
     expires = datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days is not None else None
-    registry = _registry()
+    database = _database()
     try:
-        created = registry.create_key(
+        created = KeyStore(database).create_key(
             tenant, scope or [INFERENCE], name=name, requests_per_min=rpm, tokens_per_min=tpm, expires_at=expires
         )
     except QuiverError as exc:
         _fail(exc)
     finally:
-        registry.close()
+        database.close()
     key = created.key
     err.print(f"created key [bold]{key.id}[/] for tenant {key.tenant} with {', '.join(key.scopes)}")
     err.print("store it now; it is not shown again:")
@@ -73,11 +75,13 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys.")] = None) -> None:
     """Every key: id, tenant, scopes, limits, state (active, revoked, expired). Never the secret."""
-    registry = _registry()
+    from access.store import KeyStore
+
+    database = _database()
     try:
-        found = registry.api_keys(tenant)
+        found = KeyStore(database).api_keys(tenant)
     finally:
-        registry.close()
+        database.close()
     now = datetime.now(UTC)
     table = Table("id", "tenant", "name", "scopes", "rpm", "tpm", "state", "created", "expires")
     for k in found:
@@ -99,13 +103,15 @@ def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant'
 @keys_app.command("revoke")
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id, as `quiver keys list` shows it.")]) -> None:
     """Revoke a key; every gateway refuses it from its next registry refresh on."""
-    registry = _registry()
+    from access.store import KeyStore
+
+    database = _database()
     try:
-        key = registry.revoke_key(key_id)
+        key = KeyStore(database).revoke_key(key_id)
     except QuiverError as exc:
         _fail(exc)
     finally:
-        registry.close()
+        database.close()
     console.print(f"revoked {key.id} (tenant {key.tenant})")
 
 
@@ -116,14 +122,16 @@ def tenants_limit(
     tpm: Annotated[int | None, typer.Option(help="Tokens per minute for the whole tenant; 0: no limit.")] = None,
 ) -> None:
     """Set a tenant's limits, shared by all its keys; options left out keep their value."""
-    registry = _registry()
+    from access.store import KeyStore
+
+    database = _database()
     changes = {k: (v or None) for k, v in (("requests_per_min", rpm), ("tokens_per_min", tpm)) if v is not None}
     try:
-        found = registry.set_tenant_limits(tenant, **changes)  # type: ignore[arg-type]
+        found = KeyStore(database).set_tenant_limits(tenant, **changes)
     except QuiverError as exc:
         _fail(exc)
     finally:
-        registry.close()
+        database.close()
     console.print(
         f"{found.name}: {_limit(found.requests_per_min)} requests/min, {_limit(found.tokens_per_min)} tokens/min"
     )
@@ -136,13 +144,15 @@ def usage(
     hours: Annotated[float, typer.Option(help="How far back to look.")] = 24.0,
 ) -> None:
     """Requests, errors and tokens per minute, tenant, key and what served them."""
-    registry = _registry()
+    from access.store import UsageStore
+
+    database = _database()
     try:
-        rows = registry.usage(
+        rows = UsageStore(database).usage(
             tenant=tenant, key_id=key, served_by=adapter, since=datetime.now(UTC) - timedelta(hours=hours)
         )
     finally:
-        registry.close()
+        database.close()
     table = Table("minute", "tenant", "key", "served by", "requests", "errors", "prompt tokens", "completion tokens")
     for r in rows:
         table.add_row(

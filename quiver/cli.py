@@ -385,6 +385,7 @@ def merge(
     """
     import torch
 
+    from adapters import DeploymentStore
     from adapters.merge import merge_version
 
     settings = _served_settings()
@@ -404,7 +405,7 @@ def merge(
             )  # fmt: skip
         console.print(_merge_table(report))
         if report.saved:
-            registry.record_merge(version.name, version.number, report.path, report.to_json())
+            DeploymentStore.beside(registry).record_merge(version.name, version.number, report.path, report.to_json())
     except QuiverError as exc:
         _fail(exc)
     finally:
@@ -455,6 +456,7 @@ def deploy_merged(
     """
     import time
 
+    from adapters import DeploymentStore
     from core.vllm_server import free_port
     from quiver import deploy
 
@@ -463,12 +465,13 @@ def deploy_merged(
     started = time.monotonic()
     try:
         version = registry.resolve(model)
+        deployments = DeploymentStore.beside(registry)
         if url is not None:
-            deployment = deploy.register_url(registry, version, url, served_model)
+            deployment = deploy.register_url(deployments, version, url, served_model)
         else:
             with err.status(f"Starting vLLM for the merged {version.lora_name}") as status:
                 deployment = deploy.start_merged(
-                    registry, version, port=port or free_port(), log_dir=settings.data_dir / "logs",
+                    deployments, version, port=port or free_port(), log_dir=settings.data_dir / "logs",
                     timeout_s=timeout, on_wait=lambda line: status.update(f"Starting vLLM: {line[-100:]}"),
                     extra_args=tuple(vllm_arg or ()),
                 )  # fmt: skip
@@ -486,9 +489,11 @@ def deploy_merged(
 @deploy_app.command("list")
 def deploy_list() -> None:
     """List deployments."""
+    from adapters import DeploymentStore
+
     registry = _registry()
     try:
-        deployments = registry.deployments()
+        deployments = DeploymentStore.beside(registry).deployments()
     finally:
         registry.close()
     table = Table("model", "url", "served model", "pid", "created")
@@ -500,14 +505,14 @@ def deploy_list() -> None:
 @deploy_app.command("rm")
 def deploy_rm(model: Annotated[str, typer.Argument(help="The deployed version: NAME@vN.")]) -> None:
     """Unregister a deployment (its traffic returns to the adapter), then stop its vLLM if quiver started it."""
-    from adapters import parse_lora_name
+    from adapters import DeploymentStore, parse_lora_name
     from quiver import deploy
 
     registry = _registry()
     try:
         name, number = parse_lora_name(model)
         with err.status(f"Removing the deployment of {model}"):
-            deployment, stopped = deploy.remove(registry, name, number)
+            deployment, stopped = deploy.remove(DeploymentStore.beside(registry), name, number)
     except QuiverError as exc:
         _fail(exc)
     finally:

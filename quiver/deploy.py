@@ -1,6 +1,6 @@
 """``quiver deploy``: serve one adapter version from a merged model of its own, and tell the router.
 
-A deployment is a registry row (``Registry.add_deployment``); gateways see it in their next snapshot
+A deployment is a registry row (``DeploymentStore.add_deployment``); gateways see it in their next snapshot
 and send the version's traffic to its URL. ``quiver deploy merged`` either starts a dedicated vLLM for
 the version's merged model on this machine (LoRA off, detached so that it outlives the CLI) or
 registers a server that runs elsewhere (``--url``, e.g. a Kubernetes Deployment).
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from adapters import AdapterVersion, Deployment, Registry
+from adapters import AdapterVersion, Deployment, DeploymentStore
 from core.errors import Conflict, InvalidRequest, UpstreamError
 from core.vllm_server import VllmServer, port_in_use, stop_detached, vllm_command_line
 
@@ -30,7 +30,9 @@ def served_models(url: str, timeout_s: float = 10.0) -> list[str]:
         raise UpstreamError(f"{url}/v1/models did not list models: {e}") from e
 
 
-def register_url(registry: Registry, version: AdapterVersion, url: str, served_model: str | None = None) -> Deployment:
+def register_url(
+    deployments: DeploymentStore, version: AdapterVersion, url: str, served_model: str | None = None
+) -> Deployment:
     """Register a server that already runs at ``url``; it must list ``served_model`` (default: ``name@vN``,
     else the one model it serves)."""
     models = served_models(url)
@@ -41,11 +43,11 @@ def register_url(registry: Registry, version: AdapterVersion, url: str, served_m
             f"{url} serves {', '.join(models) or 'no model'}, not {served_model}; name the model with --served-model",
             param="served_model",
         )
-    return registry.add_deployment(version.name, version.number, url, served_model)
+    return deployments.add_deployment(version.name, version.number, url, served_model)
 
 
 def start_merged(
-    registry: Registry,
+    deployments: DeploymentStore,
     version: AdapterVersion,
     *,
     port: int,
@@ -61,8 +63,8 @@ def start_merged(
     directory is there, or when the version is already deployed; if anything fails, the server is stopped.
     """
     lora_name = version.lora_name
-    registry.check_deployable(version.name, version.number)
-    merge = registry.latest_merge(version.name, version.number)
+    deployments.check_deployable(version.name, version.number)
+    merge = deployments.latest_merge(version.name, version.number)
     if merge is None:
         raise Conflict(f"{lora_name} has not been merged; run `quiver merge {lora_name}` first")
     if not merge.equivalent:
@@ -90,7 +92,7 @@ def start_merged(
         if lora_name not in served_models(server.url):
             raise UpstreamError(f"vLLM at {server.url} does not list {lora_name}; log {server.log_path}")
         assert server.process is not None
-        return registry.add_deployment(version.name, version.number, server.url, lora_name, pid=server.process.pid)
+        return deployments.add_deployment(version.name, version.number, server.url, lora_name, pid=server.process.pid)
     except RuntimeError as e:  # vLLM died or did not come up; the message has its log
         server.stop()
         raise UpstreamError(str(e)) from e
@@ -100,7 +102,13 @@ def start_merged(
 
 
 def remove(
-    registry: Registry, name: str, number: int, grace_s: float = 20.0, *, settle_s: float = 3.0, drain_s: float = 60.0
+    deployments: DeploymentStore,
+    name: str,
+    number: int,
+    grace_s: float = 20.0,
+    *,
+    settle_s: float = 3.0,
+    drain_s: float = 60.0,
 ) -> tuple[Deployment, bool]:
     """Unregister the deployment first (its traffic returns to the adapter), then stop its server.
 
@@ -109,7 +117,7 @@ def remove(
     serving have finished (up to ``drain_s``), so no answer is cut off. Returns the deployment and whether a
     server was stopped.
     """
-    deployment = registry.remove_deployment(name, number)
+    deployment = deployments.remove_deployment(name, number)
     if deployment.pid is None or deployment.served_model not in vllm_command_line(deployment.pid):
         return deployment, False
     time.sleep(settle_s)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapters import BaseModelSpec, Registry
+from adapters import BaseModelSpec, DeploymentStore, Registry
 from adapters import merge as merging
 from core import embedded
 
@@ -48,7 +48,8 @@ def merged(
             version = registry.push_dir(NAME, lora_dirs[0]).version
             report = merging.merge_version(version, base_model_dir, data_dir / "merged" / version.lora_name)
             if report.saved:
-                registry.record_merge(version.name, version.number, report.path, report.to_json())
+                merges = DeploymentStore.beside(registry)
+                merges.record_merge(version.name, version.number, report.path, report.to_json())
     finally:
         torch.set_num_threads(threads)
     yield Merged(data_dir, report)
@@ -63,7 +64,7 @@ def test_the_merged_embedded_model_is_equivalent_and_a_corrupted_one_is_not(
     assert all(check.identical for check in report.equivalence.checks)
     assert 0 < report.equivalence.max_logprob_diff <= merging.LOGPROB_TOLERANCE[torch.bfloat16]
     with open_registry(merged.data_dir, base_model_dir) as registry:
-        recorded = registry.latest_merge(NAME, 1)
+        recorded = DeploymentStore.beside(registry).latest_merge(NAME, 1)
     assert recorded is not None and recorded.equivalent and recorded.path == report.path
     assert recorded.report["max_logprob_diff"] == report.equivalence.max_logprob_diff
 

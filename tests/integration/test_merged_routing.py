@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapters import Registry
+from adapters import DeploymentStore, Registry
 from core.vllm_server import port_in_use, running, vllm_command_line
 from gateway import Settings
 from tests.integration.openai_helpers import greedy, push
@@ -42,7 +42,7 @@ def test_merged_deployment_takes_traffic_and_gives_it_back_without_a_failed_requ
         # Eager: vLLM on this CPU compiles every new model path for 60-100 s, and fails to reuse its compile cache.
         quiver(settings, "deploy", "merged", lora, "--vllm-arg=--enforce-eager")
         with Registry.open(settings.registry_url, settings.adapter_store) as registry:
-            [deployment] = registry.deployments()
+            [deployment] = DeploymentStore.beside(registry).deployments()
         pid = deployment.pid
         removed = False
         assert pid is not None and deployment.served_model == lora

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from access.keys import ADAPTERS_WRITE, INFERENCE
-from adapters import Registry
+from access.store import KeyStore
+from adapters.db import Database
 from core.vllm_server import VllmServer
 from tests.integration.openai_helpers import QUESTION, tar_gz
 from tests.postgres import PostgresCluster, postgres_cluster  # noqa: F401 - a fixture, used by name
@@ -59,10 +60,14 @@ def test_an_adapter_pushed_on_one_gateway_is_served_by_the_other_and_limits_hold
 ) -> None:
     (first, second), database_url = two_gateways
     # Keys made after the gateways started: both must pick them up from the shared registry.
-    with Registry.open(database_url, tmp_path / "store") as registry:
-        writer = registry.create_key("acme", [INFERENCE, ADAPTERS_WRITE]).token
-        limited = registry.create_key("acme", [INFERENCE], requests_per_min=4).token
-        other = registry.create_key("globex", [INFERENCE]).token
+    database = Database.open(database_url)
+    try:
+        keys = KeyStore(database)
+        writer = keys.create_key("acme", [INFERENCE, ADAPTERS_WRITE]).token
+        limited = keys.create_key("acme", [INFERENCE], requests_per_min=4).token
+        other = keys.create_key("globex", [INFERENCE]).token
+    finally:
+        database.close()
     auth = {"authorization": f"Bearer {writer}"}
     # Until a gateway's next registry refresh it is still open (to loopback); then keys are required.
     for url in (first, second):

@@ -1,10 +1,10 @@
-"""API keys, tenants, usage and the registry's migrations: in the registry (SQLite and PostgreSQL) and
-through the gateway app (httpx MockTransport upstream)."""
+"""API keys, tenants, usage and the registry's migrations: in the stores over the registry's database (SQLite
+and PostgreSQL) and through the gateway app (httpx MockTransport upstream)."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,12 +17,14 @@ from fastapi import FastAPI
 from sqlalchemy import create_engine, text
 
 from access.keys import ADAPTERS_WRITE, ADMIN, FINE_TUNE, INFERENCE
+from access.store import KeyStore, UsageStore
 from access.usage import UsageRow
 from adapters import Registry, db
+from adapters.db import Database
 from core.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway import create_app
 from tests.postgres import postgres_cluster  # noqa: F401 - a fixture, used by name
-from tests.unit.test_gateway_app import RestartingVllm, _settings
+from tests.unit.test_gateway_app import RestartingVllm, _settings, registry_of
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -36,8 +38,19 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def registry(database_url: str, tmp_path: Path) -> Registry:
-    return Registry.open(database_url, tmp_path / "store")
+def registry(database_url: str, tmp_path: Path) -> Iterator[Registry]:
+    with Registry.open(database_url, tmp_path / "store") as reg:
+        yield reg
+
+
+@pytest.fixture
+def keys(registry: Registry) -> KeyStore:
+    return KeyStore(registry.database)
+
+
+@pytest.fixture
+def usage(registry: Registry) -> UsageStore:
+    return UsageStore(registry.database)
 
 
 # -- migrations ------------------------------------------------------------------------------------
@@ -82,7 +95,7 @@ def test_a_database_from_before_migrations_is_upgraded_keeping_its_adapters(
 
     with Registry.open(database_url, tmp_path / "store") as reg:
         assert reg.adapter("old").tenant is None  # kept, and shared
-        assert reg.create_key("acme", [INFERENCE]).key.tenant == "acme"
+        assert KeyStore(reg.database).create_key("acme", [INFERENCE]).key.tenant == "acme"
     assert _schema_differences(database_url) == []
 
 
@@ -107,28 +120,28 @@ def test_gateways_starting_together_migrate_once(database_url: str) -> None:
 # -- keys and tenants ------------------------------------------------------------------------------
 
 
-def test_a_key_is_shown_once_stored_hashed_and_verified(registry: Registry) -> None:
-    created = registry.create_key("acme", [ADAPTERS_WRITE, INFERENCE], name="ci", requests_per_min=10)
+def test_a_key_is_shown_once_stored_hashed_and_verified(keys: KeyStore) -> None:
+    created = keys.create_key("acme", [ADAPTERS_WRITE, INFERENCE], name="ci", requests_per_min=10)
     assert created.token.startswith(f"qk_{created.key.id}_")
     assert created.key.scopes == (INFERENCE, ADAPTERS_WRITE)  # canonical order
-    ring = registry.key_ring()
+    ring = keys.key_ring()
     assert ring.verify(created.token) == created.key
-    assert created.token.split("_", 2)[2] not in str(registry.api_keys())  # only its hash is kept
+    assert created.token.split("_", 2)[2] not in str(keys.api_keys())  # only its hash is kept
     assert ring.verify(created.token[:-1] + ("A" if created.token[-1] != "A" else "B")) is None
     assert ring.verify("sk-not-ours") is None
     assert ring.tenants["acme"].requests_per_min is None
 
 
-def test_revoked_and_expired_keys_are_no_longer_active(registry: Registry) -> None:
-    revoked = registry.create_key("acme", [INFERENCE]).key
-    registry.revoke_key(revoked.id)
-    soon = registry.create_key("acme", [INFERENCE], expires_at=datetime.now(UTC) + timedelta(seconds=30)).key
+def test_revoked_and_expired_keys_are_no_longer_active(keys: KeyStore) -> None:
+    revoked = keys.create_key("acme", [INFERENCE]).key
+    keys.revoke_key(revoked.id)
+    soon = keys.create_key("acme", [INFERENCE], expires_at=datetime.now(UTC) + timedelta(seconds=30)).key
     now = datetime.now(UTC)
-    states = {k.id: k.state(now) for k in registry.api_keys("acme")}
+    states = {k.id: k.state(now) for k in keys.api_keys("acme")}
     assert states == {revoked.id: "revoked", soon.id: "active"}
-    assert registry.key_ring().keys[soon.id].state(now + timedelta(minutes=1)) == "expired"
+    assert keys.key_ring().keys[soon.id].state(now + timedelta(minutes=1)) == "expired"
     with pytest.raises(NotFound, match="no API key"):
-        registry.revoke_key("0123456789ab")
+        keys.revoke_key("0123456789ab")
 
 
 @pytest.mark.parametrize(
@@ -139,18 +152,18 @@ def test_revoked_and_expired_keys_are_no_longer_active(registry: Registry) -> No
         ("acme", [], "at least one scope"),
     ],
 )
-def test_bad_keys_are_refused_with_the_reason(registry: Registry, tenant: str, scopes: list[str], message: str) -> None:
+def test_bad_keys_are_refused_with_the_reason(keys: KeyStore, tenant: str, scopes: list[str], message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
-        registry.create_key(tenant, scopes)
-    assert registry.api_keys() == []
+        keys.create_key(tenant, scopes)
+    assert keys.api_keys() == []
 
 
-def test_tenant_limits_change_and_unknown_tenants_are_not_found(registry: Registry) -> None:
-    registry.create_key("acme", [INFERENCE])
-    assert registry.set_tenant_limits("acme", tokens_per_min=5000).tokens_per_min == 5000
-    assert registry.set_tenant_limits("acme", requests_per_min=60).tokens_per_min == 5000  # kept
+def test_tenant_limits_change_and_unknown_tenants_are_not_found(keys: KeyStore) -> None:
+    keys.create_key("acme", [INFERENCE])
+    assert keys.set_tenant_limits("acme", tokens_per_min=5000).tokens_per_min == 5000
+    assert keys.set_tenant_limits("acme", requests_per_min=60).tokens_per_min == 5000  # kept
     with pytest.raises(NotFound, match="tenant 'nobody'"):
-        registry.set_tenant_limits("nobody", requests_per_min=1)
+        keys.set_tenant_limits("nobody", requests_per_min=1)
 
 
 def test_pushes_keep_tenants_apart(registry: Registry, tiny_adapter: Path) -> None:
@@ -168,17 +181,17 @@ def test_pushes_keep_tenants_apart(registry: Registry, tiny_adapter: Path) -> No
     assert "bot@v1" not in catalog.visible_to("globex").model_ids()
 
 
-def test_usage_adds_up_per_minute_and_filters(registry: Registry) -> None:
+def test_usage_adds_up_per_minute_and_filters(registry: Registry, usage: UsageStore) -> None:
     minute = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
-    registry.record_usage([UsageRow(minute, "acme", "k1", "bot@v1", 2, 0, 10, 5)])
-    registry.record_usage(
+    usage.record_usage([UsageRow(minute, "acme", "k1", "bot@v1", 2, 0, 10, 5)])
+    usage.record_usage(
         [UsageRow(minute, "acme", "k1", "bot@v1", 1, 1, 3, 0), UsageRow(minute, "globex", "k2", "base", 1, 0, 4, 4)]
     )
-    rows = registry.usage(tenant="acme")
+    rows = usage.usage(tenant="acme")
     assert rows == [UsageRow(minute, "acme", "k1", "bot@v1", 3, 1, 13, 5)]
-    assert [r.tenant for r in registry.usage(served_by="bot")] == ["acme"]
-    assert [r.tenant for r in registry.usage(key_id="k2")] == ["globex"]
-    assert registry.usage(since=minute + timedelta(minutes=1)) == []
+    assert [r.tenant for r in usage.usage(served_by="bot")] == ["acme"]
+    assert [r.tenant for r in usage.usage(key_id="k2")] == ["globex"]
+    assert usage.usage(since=minute + timedelta(minutes=1)) == []
     assert registry.revision() == 0  # usage is not a registry change
 
 
@@ -215,22 +228,24 @@ async def test_keys_scopes_and_tenants_through_the_api(tmp_path: Path, tiny_adap
     app = create_app(_settings(tmp_path, usage_flush_s=3600), transport=httpx.MockTransport(RestartingVllm()))
     async for client in _client(app, client_host="10.1.2.3"):
         gateway = app.state.gateway
-        reg = gateway.registry.registry
-        acme = reg.create_key("acme", [INFERENCE, ADAPTERS_WRITE]).token
-        globex = reg.create_key("globex", [INFERENCE]).token
-        admin = reg.create_key("ops", [ADMIN]).token
-        gone = reg.create_key("acme", [INFERENCE])
-        reg.revoke_key(gone.key.id)
-        stale = reg.create_key("acme", [INFERENCE], expires_at=datetime.now(UTC) + timedelta(seconds=30))
-        with reg._engine.begin() as conn:  # its expiry passes (no waiting for it)
-            conn.execute(
-                db.api_keys.update()
-                .where(db.api_keys.c.id == stale.key.id)
-                .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
-            )
-        reg.push_dir("acme-bot", tiny_adapter, tenant="acme")
-        reg.push_dir("shared-bot", tiny_adapter)
-        await gateway.registry.refresh()
+        view = gateway.registry
+        acme_key = await view.create_key("acme", [INFERENCE, ADAPTERS_WRITE])
+        acme = acme_key.token
+        globex = (await view.create_key("globex", [INFERENCE])).token
+        admin = (await view.create_key("ops", [ADMIN])).token
+        gone = await view.create_key("acme", [INFERENCE])
+        await view.revoke_key(gone.key.id)
+        stale = await view.create_key("acme", [INFERENCE], expires_at=datetime.now(UTC) + timedelta(seconds=30))
+        with registry_of(app) as reg:
+            with reg.database.engine.begin() as conn:  # its expiry passes (no waiting for it)
+                conn.execute(
+                    db.api_keys.update()
+                    .where(db.api_keys.c.id == stale.key.id)
+                    .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+                )
+            reg.push_dir("acme-bot", tiny_adapter, tenant="acme")
+            reg.push_dir("shared-bot", tiny_adapter)
+        await view.refresh()
 
         basic = {"authorization": f"Basic {acme}"}  # a key in the wrong scheme is no key
         for headers, code in (
@@ -287,10 +302,8 @@ async def test_keys_scopes_and_tenants_through_the_api(tmp_path: Path, tiny_adap
             "globex",
         }
 
-        # Revocation takes effect with the next registry refresh.
-        acme_id = next(k.id for k in reg.api_keys("acme") if k.state(datetime.now(UTC)) == "active")
-        reg.revoke_key(acme_id)
-        await gateway.registry.refresh()
+        # Revocation takes effect with the refresh that follows it.
+        await view.revoke_key(acme_key.key.id)
         after = await client.post("/v1/chat/completions", json=CHAT | {"model": "m"}, headers=_auth(acme))
         assert after.status_code == 401
 
@@ -314,11 +327,10 @@ def test_a_short_admin_key_is_refused_at_start_up(tmp_path: Path) -> None:
 
 
 async def test_routing_rules_match_the_callers_tenant_and_key(tmp_path: Path, tiny_adapter: Path) -> None:
-    reg = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "adapters")
-    acme = reg.create_key("acme", [INFERENCE])
-    globex = reg.create_key("globex", [INFERENCE])
-    reg.push_dir("acme-bot", tiny_adapter, tenant="acme")
-    reg.close()
+    with Registry.open(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "adapters") as reg:
+        acme = KeyStore(reg.database).create_key("acme", [INFERENCE])
+        globex = KeyStore(reg.database).create_key("globex", [INFERENCE])
+        reg.push_dir("acme-bot", tiny_adapter, tenant="acme")
     rules = tmp_path / "routing.toml"
     rules.write_text(
         '[[rules]]\nname = "acme-default"\nmatch = { tenant = "acme", model = "m" }\nmodel = "acme-bot"\n'
@@ -350,9 +362,9 @@ def test_keys_cli_creates_lists_and_revokes(tmp_path: Path) -> None:
     code, listing = quiver("keys", "list")
     assert code == 0 and "acme" in listing and "active" in listing and " 60 " in listing
     assert token not in listing and token.rsplit("_", 1)[-1] not in listing  # the secret is never shown again
-    registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "adapters")
-    key = registry.api_keys("acme")[0]
-    assert registry.key_ring().verify(token) is not None
+    database = Database.open(f"sqlite:///{tmp_path / 'registry.db'}")
+    key = KeyStore(database).api_keys("acme")[0]
+    assert KeyStore(database).key_ring().verify(token) is not None
     code, out = quiver("keys", "revoke", key.id)
     assert code == 0 and f"revoked {key.id}" in out
     assert quiver("keys", "list")[1].count("revoked") == 1
@@ -360,4 +372,4 @@ def test_keys_cli_creates_lists_and_revokes(tmp_path: Path) -> None:
     assert code == 1 and "unknown scope 'superuser'" in out
     code, out = quiver("keys", "revoke", "0123456789ab")
     assert code == 1 and "no API key" in out
-    registry.close()
+    database.close()

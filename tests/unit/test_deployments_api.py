@@ -6,17 +6,19 @@ from pathlib import Path
 
 import httpx
 
+from adapters import DeploymentStore
 from gateway import create_app
 from tests import factories
-from tests.unit.test_gateway_app import RestartingVllm, _client, _settings
+from tests.unit.test_gateway_app import RestartingVllm, _client, _settings, registry_of
 
 
 async def test_deployments_are_listed_and_unregistered_through_the_admin_api(tmp_path: Path) -> None:
     app = create_app(_settings(tmp_path), transport=httpx.MockTransport(RestartingVllm()))
     async for client in _client(app):
         view = app.state.gateway.registry
-        view.registry.push_dir("a", factories.make_lora_adapter(factories.tiny_llama_model(), tmp_path / "adapter"))
-        view.registry.add_deployment("a", 1, "http://127.0.0.1:9100", "a@v1", pid=77)
+        with registry_of(app) as registry:
+            registry.push_dir("a", factories.make_lora_adapter(factories.tiny_llama_model(), tmp_path / "adapter"))
+            DeploymentStore.beside(registry).add_deployment("a", 1, "http://127.0.0.1:9100", "a@v1", pid=77)
         await view.refresh()
         assert set(view.catalog.deployments) == {"a@v1"}  # what the router reads
 

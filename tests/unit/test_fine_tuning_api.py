@@ -17,6 +17,7 @@ import pytest
 from fastapi import FastAPI
 from openai import AsyncOpenAI
 
+from access.store import KeyStore
 from adapters import Registry
 from gateway import Settings, create_app
 from jobs.queue import JobStore
@@ -227,7 +228,8 @@ async def test_a_job_read_as_succeeded_sees_what_the_worker_pushed(tmp_path: Pat
         jobs = JobStore.open(settings.registry_url, settings.data_dir)
         try:
             assert jobs.claim("worker:1") is not None
-            elsewhere.create_key("acme", ["inference"])  # stands in for the push: any write moves the revision
+            # Stands in for the push: any write moves the revision.
+            KeyStore(elsewhere.database).create_key("acme", ["inference"])
             jobs.succeed(job.id, "worker:1", fine_tuned_model="ft:m::x", trained_tokens=1, result_files=[])
             assert view.catalog.revision < elsewhere.revision()
             assert (await client.fine_tuning.jobs.retrieve(job.id)).status == "succeeded"

@@ -7,12 +7,14 @@ import json
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
+from adapters import Registry
 from gateway import Settings, create_app
 from gateway.metrics import Metrics
 from gateway.residency import Residency
@@ -59,13 +61,22 @@ def _settings(tmp_path: Path, **extra: object) -> Settings:
     return Settings(data_dir=tmp_path, base_model="m", health_interval_s=3600, **extra)  # type: ignore[arg-type]
 
 
+@contextmanager
+def registry_of(app: FastAPI) -> Iterator[Registry]:
+    """The running app's registry, opened beside it as the CLI or another gateway opens it."""
+    settings = app.state.gateway.settings
+    with Registry.open(settings.registry_url, settings.adapter_store) as registry:
+        yield registry
+
+
 async def test_adapter_forgotten_by_a_restarted_vllm_is_loaded_again_without_an_error(
     tmp_path: Path, tiny_adapter: Path
 ) -> None:
     fake = RestartingVllm()
     app = create_app(_settings(tmp_path), transport=httpx.MockTransport(fake))
     async for client in _client(app):
-        app.state.gateway.registry.registry.push_dir("a", tiny_adapter)
+        with registry_of(app) as registry:
+            registry.push_dir("a", tiny_adapter)
         await app.state.gateway.registry.refresh()
         chat = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
         assert (await client.post("/v1/chat/completions", json=chat)).headers["x-quiver-served-by"] == "a@v1"
@@ -169,10 +180,13 @@ async def test_models_list_and_cards_follow_every_registry_change(tmp_path: Path
     async for client in _client(app):
         view = app.state.gateway.registry
         assert set(await _listed(client)) == {"m", "base"}
-        await view.call(view.registry.push_dir, "a", first)
+        with registry_of(app) as registry:
+            registry.push_dir("a", first)
+        await view.refresh()
         assert set(await _listed(client)) == {"m", "base", "a", "a@v1"}
-        await view.call(view.registry.push_dir, "a", second)
-        await view.call(view.registry.set_alias, "a", "staging", 1)
+        with registry_of(app) as registry:
+            registry.push_dir("a", second)
+        await view.set_alias("a", "staging", 1)
         cards = await _listed(client)
         assert set(cards) == {"m", "base", "a", "a@v1", "a@v2", "a@staging"}
         assert cards["a@staging"] == {**cards["a@v1"], "id": "a@staging"}

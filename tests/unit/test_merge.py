@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from adapters import BaseModelSpec, Registry
+from adapters import BaseModelSpec, DeploymentStore, Registry
 from adapters import merge as merging
 from adapters.catalog import MERGE_FILE
 from quiver.cli import app
@@ -58,7 +58,7 @@ def test_quiver_merge_saves_a_complete_model_and_records_the_check(pushed: Path,
     assert [p.name for p in merged.parent.iterdir()] == ["bot@v1"]  # no staging left behind
     with open_registry(pushed, tiny_base) as registry:
         version = registry.resolve("bot@v1")
-        merge = registry.latest_merge("bot", 1)
+        merge = DeploymentStore.beside(registry).latest_merge("bot", 1)
     assert merge is not None and merge.equivalent and merge.path == merged
     assert merge.report["dtype"] == "float32" and merge.report["max_logprob_diff"] < 1e-3
     assert [p["prompt"] for p in merge.report["prompts"]] == list(merging.GOLDEN_PROMPTS)
@@ -81,7 +81,7 @@ def test_quiver_merge_saves_a_complete_model_and_records_the_check(pushed: Path,
     assert code == 0, output
     assert [p.name for p in merged.parent.iterdir()] == ["bot@v1"]
     with open_registry(pushed, tiny_base) as registry:
-        assert len(registry.merges("bot", 1)) == 2
+        assert len(DeploymentStore.beside(registry).merges("bot", 1)) == 2
 
 
 def test_a_merge_that_is_not_equivalent_is_neither_saved_nor_recorded(
@@ -93,13 +93,13 @@ def test_a_merge_that_is_not_equivalent_is_neither_saved_nor_recorded(
     assert "NOT equivalent" in output and "nothing saved or recorded" in output
     assert [p.name for p in pushed.iterdir() if p.name == "out" or p.name.startswith(".out")] == []
     with open_registry(pushed, tiny_base) as registry:
-        assert registry.merges("bot", 1) == []
+        assert DeploymentStore.beside(registry).merges("bot", 1) == []
 
     code, output = run(["merge", "bot@v1", "--output", str(pushed / "out"), "--force"], pushed, tiny_base)
     assert code == 0, output
     assert "NOT equivalent" in output and (pushed / "out" / "config.json").is_file()
     with open_registry(pushed, tiny_base) as registry:
-        merge = registry.latest_merge("bot", 1)
+        merge = DeploymentStore.beside(registry).latest_merge("bot", 1)
         assert merge is not None and not merge.equivalent
     code, output = run(["deploy", "merged", "bot@v1"], pushed, tiny_base)
     assert code == 1 and "was not equivalent" in output
@@ -129,7 +129,7 @@ def test_merged_prompts_come_from_the_prompts_file(pushed: Path, tiny_base: Path
     code, output = run(["merge", "bot@v1", "--prompts", str(prompts)], pushed, tiny_base)
     assert code == 0, output
     with open_registry(pushed, tiny_base) as registry:
-        merge = registry.latest_merge("bot", 1)
+        merge = DeploymentStore.beside(registry).latest_merge("bot", 1)
     assert merge is not None
     assert [p["prompt"] for p in merge.report["prompts"]] == ["Hello there!", "What is 2 + 2?"]
 
@@ -172,7 +172,7 @@ def test_deploy_by_url_registers_a_running_server_and_rm_unregisters_it(
     code, output = run(["deploy", "merged", "bot@v1", "--url", model_server], pushed, tiny_base)
     assert code == 0, output
     with open_registry(pushed, tiny_base) as registry:
-        [deployment] = registry.deployments()
+        [deployment] = DeploymentStore.beside(registry).deployments()
         assert (deployment.lora_name, deployment.url, deployment.served_model, deployment.pid) == (
             "bot@v1",
             model_server,
@@ -191,7 +191,7 @@ def test_deploy_by_url_registers_a_running_server_and_rm_unregisters_it(
     assert code == 0, output
     assert "removed the deployment of bot@v1" in output and "stopped" not in output
     with open_registry(pushed, tiny_base) as registry:
-        assert registry.deployments() == []
+        assert DeploymentStore.beside(registry).deployments() == []
     code, output = run(["deploy", "rm", "bot@v1"], pushed, tiny_base)
     assert code == 1 and "bot@v1 is not deployed" in output
 

@@ -29,9 +29,7 @@ def test_resets_are_written_as_openai_writes_them(seconds: float, text: str) -> 
 async def test_a_key_over_its_requests_per_minute_gets_429_with_the_headers_the_client_reads(tmp_path: Path) -> None:
     app = create_app(_settings(tmp_path), transport=httpx.MockTransport(RestartingVllm()))
     async for client in _client(app):
-        reg = app.state.gateway.registry.registry
-        token = reg.create_key("acme", [INFERENCE], requests_per_min=2).token
-        await app.state.gateway.registry.refresh()
+        token = (await app.state.gateway.registry.create_key("acme", [INFERENCE], requests_per_min=2)).token
         body = CHAT | {"model": "m"}
         answers = [await client.post("/v1/chat/completions", json=body, headers=_auth(token)) for _ in range(3)]
         assert [a.status_code for a in answers] == [200, 200, 429]
@@ -55,11 +53,10 @@ async def test_a_key_over_its_requests_per_minute_gets_429_with_the_headers_the_
 async def test_a_tenants_token_limit_is_shared_by_its_keys_and_refusals_cost_nothing(tmp_path: Path) -> None:
     app = create_app(_settings(tmp_path), transport=httpx.MockTransport(RestartingVllm()))
     async for client in _client(app):
-        reg = app.state.gateway.registry.registry
-        first = reg.create_key("acme", [INFERENCE], requests_per_min=10).token
-        second = reg.create_key("acme", [INFERENCE]).token
-        reg.set_tenant_limits("acme", tokens_per_min=300)
-        await app.state.gateway.registry.refresh()
+        view = app.state.gateway.registry
+        first = (await view.create_key("acme", [INFERENCE], requests_per_min=10)).token
+        second = (await view.create_key("acme", [INFERENCE])).token
+        await view.set_tenant_limits("acme", tokens_per_min=300)
         body = CHAT | {"model": "m", "max_tokens": 100}  # prompt bound 66 (no tokenizer here) + 100 = 166 tokens
         ok = await client.post("/v1/chat/completions", json=body, headers=_auth(first))
         assert ok.status_code == 200 and ok.headers["x-ratelimit-remaining-tokens"] == "134"

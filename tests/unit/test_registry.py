@@ -12,7 +12,7 @@ import pytest
 import torch
 from sqlalchemy import create_engine, text, update
 
-from adapters import BaseModelSpec, Registry, UploadLimits, db
+from adapters import BaseModelSpec, DeploymentStore, Registry, UploadLimits, db
 from adapters.catalog import MERGE_FILE
 from adapters.store import digest
 from core.errors import Conflict, InvalidAdapter, InvalidArchive, InvalidRequest, ModelNotFound, NotFound
@@ -508,6 +508,11 @@ def test_reports_need_an_existing_version_and_go_with_it(three_versions: Registr
 # -- merges and deployments ----------------------------------------------------------------------
 
 
+@pytest.fixture
+def deployments(three_versions: Registry) -> DeploymentStore:
+    return DeploymentStore.beside(three_versions)
+
+
 def merge_report(equivalent: bool = True) -> dict[str, Any]:
     """The keys of a merge report (``adapters.merge.MergeReport.to_json``) that the registry reads."""
     return {"model": "bot@v1", "equivalent": equivalent, "dtype": "bfloat16", "max_logprob_diff": 0.03}
@@ -521,24 +526,23 @@ def merged_dir(path: Path) -> Path:
     return path
 
 
-def test_merges_are_kept_per_version_and_the_newest_counts(three_versions: Registry, tmp_path: Path) -> None:
-    reg = three_versions
-    assert reg.latest_merge("bot", 1) is None
-    first = reg.record_merge("bot", 1, tmp_path / "m1", merge_report(equivalent=False))
-    second = reg.record_merge("bot", 1, tmp_path / "m2", merge_report())
+def test_merges_are_kept_per_version_and_the_newest_counts(deployments: DeploymentStore, tmp_path: Path) -> None:
+    assert deployments.latest_merge("bot", 1) is None
+    first = deployments.record_merge("bot", 1, tmp_path / "m1", merge_report(equivalent=False))
+    second = deployments.record_merge("bot", 1, tmp_path / "m2", merge_report())
     assert (first.lora_name, first.path, first.equivalent) == ("bot@v1", tmp_path / "m1", False)
-    assert reg.merges("bot", 1) == [first, second]
-    assert reg.latest_merge("bot", 1) == second and second.equivalent
+    assert deployments.merges("bot", 1) == [first, second]
+    assert deployments.latest_merge("bot", 1) == second and second.equivalent
     assert dict(second.report) == merge_report()
-    assert reg.latest_merge("bot", 2) is None
+    assert deployments.latest_merge("bot", 2) is None
     with pytest.raises(NotFound, match="no version v9"):
-        reg.record_merge("bot", 9, tmp_path / "m9", merge_report())
+        deployments.record_merge("bot", 9, tmp_path / "m9", merge_report())
 
 
-def test_deployments_are_registered_listed_and_removed(three_versions: Registry) -> None:
+def test_deployments_are_registered_listed_and_removed(three_versions: Registry, deployments: DeploymentStore) -> None:
     reg = three_versions
     revision = reg.revision()
-    added = reg.add_deployment("bot", 2, "http://10.0.0.5:8000/", "bot@v2", pid=4321)
+    added = deployments.add_deployment("bot", 2, "http://10.0.0.5:8000/", "bot@v2", pid=4321)
     assert reg.revision() > revision  # gateways refresh and route bot@v2 to it
     assert (added.lora_name, added.url, added.served_model, added.pid) == (
         "bot@v2",
@@ -547,63 +551,65 @@ def test_deployments_are_registered_listed_and_removed(three_versions: Registry)
         4321,
     )
     assert added.created_at.tzinfo is not None
-    by_url = reg.add_deployment("bot", 1, "http://merged-bot-v1.svc:8000", "bot-v1")
+    by_url = deployments.add_deployment("bot", 1, "http://merged-bot-v1.svc:8000", "bot-v1")
     assert by_url.pid is None
-    assert reg.deployments() == [by_url, added]
+    assert deployments.deployments() == [by_url, added]
     catalog = reg.snapshot()
     assert dict(catalog.deployments) == {"bot@v1": by_url, "bot@v2": added}
     assert catalog.revision == reg.revision()
 
-    assert reg.remove_deployment("bot", 2) == added
-    assert reg.deployments() == [by_url]
+    assert deployments.remove_deployment("bot", 2) == added
+    assert deployments.deployments() == [by_url]
     assert dict(reg.snapshot().deployments) == {"bot@v1": by_url}
     with pytest.raises(NotFound, match="bot@v2 is not deployed") as caught:
-        reg.remove_deployment("bot", 2)
+        deployments.remove_deployment("bot", 2)
     assert caught.value.status_code == 404
 
 
-def test_a_version_is_deployed_at_most_once(three_versions: Registry) -> None:
+def test_a_version_is_deployed_at_most_once(three_versions: Registry, deployments: DeploymentStore) -> None:
     reg = three_versions
-    reg.add_deployment("bot", 1, "http://127.0.0.1:9001", "bot@v1", pid=11)
+    deployments.add_deployment("bot", 1, "http://127.0.0.1:9001", "bot@v1", pid=11)
     revision = reg.revision()
     with pytest.raises(
         Conflict, match=r"bot@v1 is already deployed at http://127.0.0.1:9001; .*quiver deploy rm bot@v1"
     ):
-        reg.add_deployment("bot", 1, "http://127.0.0.1:9002", "bot@v1")
-    assert [d.url for d in reg.deployments()] == ["http://127.0.0.1:9001"]
+        deployments.add_deployment("bot", 1, "http://127.0.0.1:9002", "bot@v1")
+    assert [d.url for d in deployments.deployments()] == ["http://127.0.0.1:9001"]
     assert reg.revision() == revision
     with pytest.raises(NotFound, match="no version v7"):
-        reg.add_deployment("bot", 7, "http://127.0.0.1:9003", "bot@v7")
+        deployments.add_deployment("bot", 7, "http://127.0.0.1:9003", "bot@v7")
 
 
-def test_a_deployed_version_cannot_be_deleted(three_versions: Registry) -> None:
+def test_a_deployed_version_cannot_be_deleted(three_versions: Registry, deployments: DeploymentStore) -> None:
     reg = three_versions
-    reg.add_deployment("bot", 2, "http://127.0.0.1:9001", "bot@v2")
+    deployments.add_deployment("bot", 2, "http://127.0.0.1:9001", "bot@v2")
     with pytest.raises(
         Conflict, match=r"bot@v2 is deployed at http://127.0.0.1:9001; .*quiver deploy rm bot@v2"
     ) as caught:
         reg.delete_version("bot", 2)
     assert caught.value.status_code == 409
     assert reg.resolve("bot@v2").path.is_dir()
-    reg.remove_deployment("bot", 2)
+    deployments.remove_deployment("bot", 2)
     reg.delete_version("bot", 2)
     assert [v.number for v in reg.adapter("bot").versions] == [1, 3]
 
 
-def test_deleting_a_version_removes_its_merges_and_merged_models(three_versions: Registry, tmp_path: Path) -> None:
+def test_deleting_a_version_removes_its_merges_and_merged_models(
+    three_versions: Registry, deployments: DeploymentStore, tmp_path: Path
+) -> None:
     reg = three_versions
     ours = merged_dir(tmp_path / "merged" / "bot@v1")
     theirs = tmp_path / "not-a-merge"  # recorded, but without the mark of Quiver's merge: left alone
     theirs.mkdir()
-    reg.record_merge("bot", 1, ours, merge_report())
-    reg.record_merge("bot", 1, theirs, merge_report())
-    kept = reg.record_merge("bot", 3, merged_dir(tmp_path / "merged" / "bot@v3"), merge_report())
+    deployments.record_merge("bot", 1, ours, merge_report())
+    deployments.record_merge("bot", 1, theirs, merge_report())
+    kept = deployments.record_merge("bot", 3, merged_dir(tmp_path / "merged" / "bot@v3"), merge_report())
     reg.delete_version("bot", 1)
     assert not ours.exists() and theirs.is_dir()
-    assert reg.merges("bot", 3) == [kept] and kept.path.is_dir()
+    assert deployments.merges("bot", 3) == [kept] and kept.path.is_dir()
     # A new bot@v1 is never made (numbers are not reused), so its merges are gone with it.
     with pytest.raises(NotFound, match="no version v1"):
-        reg.merges("bot", 1)
+        deployments.merges("bot", 1)
 
 
 def test_a_database_from_before_merges_gains_their_tables(
@@ -617,5 +623,6 @@ def test_a_database_from_before_merges_gains_their_tables(
     engine.dispose()
     with Registry.open(database_url, store, base=base) as reg:
         reg.push_dir("bot", adapters_dir / "seed0")
-        assert reg.add_deployment("bot", 1, "http://127.0.0.1:9001", "bot@v1").lora_name == "bot@v1"
-        assert reg.record_merge("bot", 1, store / "m", merge_report()).equivalent
+        deployments = DeploymentStore.beside(reg)
+        assert deployments.add_deployment("bot", 1, "http://127.0.0.1:9001", "bot@v1").lora_name == "bot@v1"
+        assert deployments.record_merge("bot", 1, store / "m", merge_report()).equivalent
