@@ -119,7 +119,7 @@ def tenants_limit(
     registry = _registry()
     changes = {k: (v or None) for k, v in (("requests_per_min", rpm), ("tokens_per_min", tpm)) if v is not None}
     try:
-        found = registry.set_tenant_limits(tenant, **changes)  # type: ignore[arg-type]
+        found = registry.set_tenant_limits(tenant, **changes)
     except QuiverError as exc:
         _fail(exc)
     finally:

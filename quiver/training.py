@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
 from core.errors import QuiverError
 from quiver.adapters import adapters_push
 from quiver.context import _fail, _registry, _served_settings, console, err
+
+if TYPE_CHECKING:
+    from training.config import Method, PeftMethod
 
 
 def train(
@@ -54,8 +57,9 @@ def train(
         config = TrainConfig(
             base_model=base_dir,
             output_dir=output / name,
-            method=method,
-            peft=peft,  # type: ignore[arg-type]
+            # Options are plain text; TrainConfig refuses any other value, naming the option.
+            method=cast("Method", method),
+            peft=cast("PeftMethod", peft),
             rank=rank,
             alpha=alpha,
             dropout=dropout,
