@@ -1,0 +1,65 @@
+"""What the commands share: the consoles they print to, the settings of what ``quiver up`` serves, the registry
+they open, and the one way a command fails on a ``QuiverError``.
+
+The helpers keep their leading underscore: they are the command modules' plumbing, not an API.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from core.errors import QuiverError
+
+if TYPE_CHECKING:
+    from adapters import Registry
+    from gateway.settings import Settings
+
+console = Console(width=140) if not Console().is_terminal else Console()
+err = Console(stderr=True)
+
+
+def _served_settings() -> Settings:
+    """``QUIVER_*`` settings, with what the last ``quiver up`` served filling in the base model and rank left unset."""
+    from gateway.settings import Settings
+    from quiver.up import read_served
+
+    settings = Settings()
+    served = read_served(settings.data_dir)
+    update: dict[str, Any] = {}
+    if settings.base_model_path is None and served.get("base_model_path"):
+        update["base_model_path"] = Path(served["base_model_path"])
+    if settings.base_model is None and served.get("base_model"):
+        update["base_model"] = served["base_model"]
+    if "max_lora_rank" not in settings.model_fields_set and served.get("max_lora_rank"):
+        update["max_lora_rank"] = int(served["max_lora_rank"])
+    return settings.model_copy(update=update)
+
+
+def _base_model(settings: Settings) -> tuple[Path | None, str | None]:
+    """The base model's directory and served name: what ``quiver up`` serves, else the embedded model if prepared."""
+    from core import embedded
+
+    base_dir, base_name = settings.base_model_path, settings.base_model
+    if base_dir is None and (embedded.model_dir() / "config.json").is_file():
+        base_dir, base_name = embedded.model_dir(), base_name or embedded.SERVED_NAME
+    return base_dir, base_name
+
+
+def _registry() -> Registry:
+    """The registry from ``QUIVER_*`` settings, validating pushes against what ``quiver up`` serves."""
+    from adapters import BaseModelSpec
+    from gateway.app import open_registry
+
+    settings = _served_settings()
+    base_dir, base_name = _base_model(settings)
+    base = BaseModelSpec.from_model_dir(base_dir, base_name) if base_dir else None
+    return open_registry(settings, base)
+
+
+def _fail(exc: QuiverError) -> NoReturn:
+    err.print(f"[red]error[/] ({exc.code}): {exc.message}")
+    raise typer.Exit(1)
