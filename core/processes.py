@@ -126,15 +126,7 @@ class ChildProcess:
 
     def wait_healthy(self, url: str, timeout_s: float = 300.0, *, on_wait: Callable[[str], None] | None = None) -> None:
         """Until ``GET url`` (its health check) answers 200; ProcessFailed if it exits first or times out."""
-        with httpx.Client(timeout=2.0) as client:
-
-            def answers() -> bool:
-                try:
-                    return client.get(url).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            self.wait_ready(answers, timeout_s, condition=f"GET {url} answering 200", on_wait=on_wait)
+        self.wait_ready(lambda: healthy(url), timeout_s, condition=f"GET {url} answering 200", on_wait=on_wait)
 
     def _failed(self, how: str) -> ProcessFailed:
         tail = self.log_tail()
@@ -148,7 +140,7 @@ class ChildProcess:
         """
         if self.exit_code() is None:
             steps = ((signal.SIGTERM, grace_s),) if steps is None else steps
-            stop_group(self.pid, lambda wait_s: self.wait(wait_s) is not None, steps)
+            _stop_group(self.pid, lambda wait_s: self.wait(wait_s) is not None, steps)
         else:  # what it started may have outlived it in its group
             _signal_group(self.pid, signal.SIGKILL)
         return self.exit_code()
@@ -218,7 +210,7 @@ def _dies_with(parent: int) -> Callable[[], None]:
     return arm
 
 
-def stop_group(pid: int, exited: Callable[[float], bool], steps: Sequence[tuple[signal.Signals, float]]) -> None:
+def _stop_group(pid: int, exited: Callable[[float], bool], steps: Sequence[tuple[signal.Signals, float]]) -> None:
     """Send each signal of ``steps`` to the process group led by ``pid``, then SIGKILL, until ``exited(seconds)``,
     which waits up to that long, says the leader is gone."""
     for sig, wait_s in (*steps, (signal.SIGKILL, _KILL_WAIT_S)):
@@ -245,7 +237,7 @@ def stop_detached(pid: int, grace_s: float = 20.0) -> None:
             time.sleep(0.2)
         return not alive(pid)
 
-    stop_group(pid, exited, ((signal.SIGTERM, grace_s),))
+    _stop_group(pid, exited, ((signal.SIGTERM, grace_s),))
 
 
 def alive(pid: int) -> bool:
