@@ -17,7 +17,8 @@ body ``{"error": {"message", "type", "param", "code"}}`` with ``status_code``.
     ├── RateLimited            429 rate_limit_exceeded + Retry-After (a key's or tenant's per-minute limit)
     ├── Unavailable            503 + Retry-After          (starting, loading, busy)
     └── UpstreamError          502 upstream_error         (vLLM answered badly or dropped us)
-        └── UpstreamTimeout    504 upstream_timeout
+        ├── UpstreamTimeout    504 upstream_timeout
+        └── ProcessFailed      502 process_failed         (a process Quiver started exited or never became ready)
 """
 
 from __future__ import annotations
@@ -169,3 +170,9 @@ class UpstreamTimeout(UpstreamError):
 
     status_code = 504
     default_code = "upstream_timeout"
+
+
+class ProcessFailed(UpstreamError):
+    """A process Quiver started (vLLM, a gateway, locust) exited or did not become ready; the message names its log."""
+
+    default_code = "process_failed"

@@ -1,43 +1,16 @@
-"""Starting and stopping a real vLLM OpenAI server as a child process, talked to over HTTP."""
+"""A real vLLM OpenAI server as a child process (started through ``core.processes``), talked to over HTTP."""
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
-_PR_SET_PDEATHSIG = 1
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """True when something already accepts connections on host:port."""
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-def _die_with_parent() -> None:
-    # vLLM must not outlive a supervisor that was killed without a chance to stop it.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+from core import processes
+from core.errors import InvalidRequest, ProcessFailed
+from core.processes import ChildProcess
 
 
 def has_cuda() -> bool:
@@ -68,7 +41,7 @@ class VllmServer:
     extra_args: tuple[str, ...] = ()
     enable_lora: bool = True
     detach: bool = False
-    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    process: ChildProcess | None = field(default=None, init=False)
 
     @property
     def url(self) -> str:
@@ -122,111 +95,32 @@ class VllmServer:
 
     def start(self) -> None:
         """Launch the process; logs go to ``log_path``."""
-        if port_in_use(self.host, self.port):
-            raise RuntimeError(f"port {self.port} on {self.host} is already in use; pick another with --vllm-port")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.command(),
-            env=self.environment(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches the supervisor, which stops vLLM in order.
-            preexec_fn=None if self.detach else _die_with_parent,
+        if processes.port_in_use(self.host, self.port):
+            raise InvalidRequest(
+                f"port {self.port} on {self.host} is already in use; pick another with --vllm-port", param="port"
+            )
+        self.process = processes.start(
+            "vLLM", self.command(), self.log_path, env=self.environment(), detach=self.detach
         )
-        log.close()
 
     def last_log_line(self) -> str:
         """The last non-empty line vLLM logged, for progress displays."""
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(max(0, self.log_path.stat().st_size - 4096))
-                lines = [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
-            return lines[-1][-160:] if lines else ""
-        except OSError:
-            return ""
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The end of vLLM's log, for error messages."""
-        try:
-            return "\n".join(self.log_path.read_text("utf-8", "replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return processes.last_log_line(self.log_path)
 
     def wait_ready(self, timeout_s: float = 300.0, on_wait: Callable[[str], None] | None = None) -> None:
-        """Block until ``/health`` answers 200; raise with the log tail if vLLM dies or times out."""
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.process is not None and self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"vLLM exited with code {self.process.returncode}; log {self.log_path}:\n{self.log_tail()}"
-                    )
-                try:
-                    if client.get(f"{self.url}/health").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                if on_wait is not None:
-                    on_wait(self.last_log_line())
-                time.sleep(0.5)
-        raise RuntimeError(f"vLLM did not become healthy in {timeout_s:.0f} s; log {self.log_path}:\n{self.log_tail()}")
+        """Block until ``/health`` answers 200 (``on_wait`` gets vLLM's last log line meanwhile); ProcessFailed with
+        the log's end if vLLM exits first or times out."""
+        if self.process is None:
+            raise ProcessFailed(f"vLLM was not started; its log would be {self.log_path}")
+        self.process.wait_healthy(f"{self.url}/health", timeout_s, on_wait=on_wait)
 
     def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM the process group, then SIGKILL after ``grace_s``."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-
-        def exited(timeout_s: float) -> bool:
-            try:
-                process.wait(timeout_s)
-                return True
-            except subprocess.TimeoutExpired:
-                return False
-
-        stop_group(process.pid, exited, grace_s)
-
-
-def stop_group(pid: int, exited: Callable[[float], bool], grace_s: float = 20.0) -> None:
-    """SIGTERM the process group led by ``pid``, then SIGKILL when ``exited(timeout)`` says it did not exit."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        if exited(wait):
-            return
-
-
-def stop_detached(pid: int, grace_s: float = 20.0) -> None:
-    """Stop a vLLM started with ``detach=True`` by an earlier process, which cannot ``wait`` for it."""
-
-    def exited(timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not running(pid):
-                return True
-            time.sleep(0.2)
-        return not running(pid)
-
-    stop_group(pid, exited, grace_s)
-
-
-def running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie, dead but not yet reaped by its parent, is not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+        """SIGTERM vLLM's process group, then SIGKILL after ``grace_s``."""
+        if self.process is not None:
+            self.process.stop(grace_s)
 
 
 def vllm_command_line(pid: int) -> list[str]:
     """The command line of ``pid`` when it is a vLLM OpenAI server, else an empty list (also when it is gone)."""
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
-    except OSError:
-        return []
+    args = processes.command_line(pid)
     return args if "vllm.entrypoints.openai.api_server" in args else []

@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,8 +23,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from core import benchmarks
-from core.vllm_server import free_port
+from core import benchmarks, processes
+from core.processes import free_port
 from loadtest import instant_upstream
 
 MESSAGES = [{"role": "user", "content": "Say OK."}]
@@ -124,49 +122,16 @@ def _row(upstream: str, concurrency: int, direct: Sample, gateway: Sample) -> Ro
     )
 
 
-def _wait(url: str, process: subprocess.Popen[bytes], timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{' '.join(process.args)} exited with {process.returncode}")  # type: ignore[arg-type]
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} did not become healthy")
-
-
-@contextmanager
-def served_process(args: list[str], url: str, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    with log.open("ab") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        _wait(url, process)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
 def start_gateway(
     stack: ExitStack, upstream: str, work: Path, name: str, env: dict[str, str] | None = None, data: str | None = None
 ) -> str:
     """A `quiver up --vllm-url` process until ``stack`` closes; its data directory is ``work/data-<data or name>``."""
     port = free_port()
-    env = dict(os.environ, QUIVER_DATA_DIR=str(work / f"data-{data or name}"), **(env or {}))
-    return stack.enter_context(
-        served_process(
-            [sys.executable, "-m", "quiver.cli", "up", "--vllm-url", upstream, "--port", str(port)],
-            f"http://127.0.0.1:{port}",
-            work / f"gateway-{name}.log",
-            env,
-        )
-    )
+    url = f"http://127.0.0.1:{port}"
+    args = [sys.executable, "-m", "quiver.cli", "up", "--vllm-url", upstream, "--port", str(port)]
+    env = {"QUIVER_DATA_DIR": str(work / f"data-{data or name}"), **(env or {})}
+    stack.enter_context(processes.serving("the gateway", args, work / f"gateway-{name}.log", f"{url}/health", env=env))
+    return url
 
 
 def run(vllm_url: str | None, rounds: int, requests: int, out_dir: Path, console: Console) -> list[Row]:

@@ -21,6 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from core import processes
+
 MODEL = "instant"
 
 
@@ -90,12 +92,11 @@ def create_app() -> Starlette:
 
 def start(stack: ExitStack, work: Path) -> str:
     """Run the upstream in a process of its own on a free port until ``stack`` closes; its URL."""
-    from core.vllm_server import free_port
-    from loadtest.bench import served_process
-
-    port = free_port()
+    port = processes.free_port()
+    url = f"http://127.0.0.1:{port}"
     args = [sys.executable, "-m", "loadtest.instant_upstream", "--port", str(port)]
-    return stack.enter_context(served_process(args, f"http://127.0.0.1:{port}", work / "instant.log"))
+    stack.enter_context(processes.serving("the instant upstream", args, work / "instant.log", f"{url}/health"))
+    return url
 
 
 def main() -> None:

@@ -34,9 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from core import benchmarks
-from core.vllm_server import free_port
-from loadtest.bench import served_process
+from core import benchmarks, processes
 from loadtest.routing import Run, compare_placement, drive
 
 DEFAULT_MAX_TOKENS = 16
@@ -211,10 +209,12 @@ async def _stream(model: NaiveModel, generation: Generation, head: dict[str, Any
 
 def start(stack: ExitStack, base_dir: Path, adapters: Mapping[str, Path], work: Path, served_name: str = "base") -> str:
     """Run the naive server in a process of its own on a free port until ``stack`` closes; its URL."""
-    port = free_port()
+    port = processes.free_port()
+    url = f"http://127.0.0.1:{port}"
     args = [sys.executable, "-m", "loadtest.naive", "--base", str(base_dir), "--port", str(port),
             "--served-name", served_name, *(f"--adapter={name}={path}" for name, path in adapters.items())]  # fmt: skip
-    return stack.enter_context(served_process(args, f"http://127.0.0.1:{port}", work / "naive.log"))
+    stack.enter_context(processes.serving("the naive server", args, work / "naive.log", f"{url}/health"))
+    return url
 
 
 # -- the comparison ------------------------------------------------------------------------------

@@ -192,7 +192,8 @@ def start_vllm(
 ) -> Any:  # fmt: skip
     """Launch a vLLM for a benchmark (stopped when ``stack`` closes) without waiting for it: the caller waits,
     so two can start side by side. ``rank``: the bench adapters' rank, which vLLM pads every adapter to."""
-    from core.vllm_server import VllmServer, free_port
+    from core.processes import free_port
+    from core.vllm_server import VllmServer
 
     server = VllmServer(
         model=str(model),

@@ -10,10 +10,8 @@ resident memory (``process_resident_memory_bytes``) and its request and error co
 from __future__ import annotations
 
 import csv
-import os
 import re
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -28,8 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
+from core import processes
 from core.errors import InvalidRequest, Unavailable
-from core.vllm_server import free_port
+from core.processes import ChildProcess, free_port
 from loadtest.scenarios import SCENARIOS, Offer, Options, fetch_offer
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -226,19 +225,17 @@ def run(test: LoadTest, console: Console, err: Console) -> int:
         err.print(note, highlight=False)
     test.out.mkdir(parents=True, exist_ok=True)
     web_port = free_port() if test.web else None
-    env = dict(os.environ) | test.options.to_env()
     sampler = Sampler(test.host, test.out / SAMPLES)
-    with (test.out / LOCUST_LOG).open("w") as log, _interruptible():
+    with _interruptible():
         sampler.take()
-        locust = subprocess.Popen(test.locust_command(web_port), env=env, stdout=log, stderr=subprocess.STDOUT)
+        command = test.locust_command(web_port)
+        locust = processes.start("locust", command, test.out / LOCUST_LOG, env=test.options.to_env(), append=False)
         try:
             if web_port is not None:
                 console.print(f"locust's web UI: http://127.0.0.1:{web_port} (Ctrl-C ends the run)")
             code = _watch(locust, test, sampler, err)
         finally:
-            if locust.poll() is None:
-                locust.kill()
-                locust.wait()
+            locust.stop(steps=())  # it has exited, or _watch failed: kill it (and anything it left)
             sampler.take()
             sampler.close()
     return report(test, code, sampler.samples, console, err)
@@ -264,16 +261,14 @@ def check_target(test: LoadTest) -> Offer:
     return offer
 
 
-def _watch(locust: subprocess.Popen[bytes], test: LoadTest, sampler: Sampler, err: Console) -> int:
+def _watch(locust: ChildProcess, test: LoadTest, sampler: Sampler, err: Console) -> int:
     """Sample until locust exits; Ctrl-C lets it write its reports first."""
     what = f"{test.scenario}: {test.users} users" + ("" if test.web else f" for {test.duration_s} s")
     with err.status(f"{what}; locust's log: {test.out / LOCUST_LOG}") as status:
         try:
-            while True:
-                try:
-                    return locust.wait(timeout=test.sample_every_s)
-                except subprocess.TimeoutExpired:
-                    status.update(f"{what}; {_progress(sampler.take())}")
+            while (code := locust.wait(test.sample_every_s)) is None:
+                status.update(f"{what}; {_progress(sampler.take())}")
+            return code
         except KeyboardInterrupt:
             status.update(f"stopping locust (it writes its reports); log: {test.out / LOCUST_LOG}")
             return _stop(locust)
@@ -291,24 +286,15 @@ def _interruptible() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _stop(locust: subprocess.Popen[bytes]) -> int:
-    """Locust's exit code once it stopped: SIGINT first (unless the terminal's reached it), then SIGTERM.
+def _stop(locust: ChildProcess) -> int:
+    """Locust's exit code once it stopped: SIGINT first, then SIGTERM.
 
     Locust writes its CSVs and HTML report on either. A locust that started with SIGINT ignored only
-    answers SIGTERM; one that answers neither is killed.
+    answers SIGTERM; one that answers neither is killed. (It runs in a session of its own: a terminal's
+    Ctrl-C reaches only this process, which passes it on.)
     """
-    try:
-        return locust.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-    for sig, wait_s in ((signal.SIGINT, 10), (signal.SIGTERM, STOP_TIMEOUT_S + 10)):
-        locust.send_signal(sig)
-        try:
-            return locust.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-    locust.kill()
-    return locust.wait()
+    code = locust.stop(steps=((signal.SIGINT, 10), (signal.SIGTERM, STOP_TIMEOUT_S + 10)))
+    return -signal.SIGKILL if code is None else code
 
 
 def _progress(sample: Sample) -> str:

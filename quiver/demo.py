@@ -7,8 +7,6 @@ It is promoted to ``support-triage@prod`` only if the eval gate lets it.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -19,8 +17,9 @@ from typing import Any
 import httpx
 from rich.console import Console
 
-from core.errors import Conflict, QuiverError
-from core.vllm_server import free_port
+from core import processes
+from core.errors import Conflict
+from core.processes import free_port
 from gateway.settings import Settings
 
 DEMO_ADAPTER = "support-triage"
@@ -36,10 +35,6 @@ DEMO_SIZES = {"n_train": 1000, "n_val": 100, "n_test": 200}
 # General requests answered by the base itself, mixed into training against forgetting (each REPLAY_COPIES times).
 REPLAY_PROMPTS = 52
 REPLAY_COPIES = 3
-
-
-class DemoFailed(QuiverError):
-    """The demo could not run to the end (no gateway came up)."""
 
 
 def _answers(url: str) -> bool:
@@ -58,27 +53,16 @@ def gateway_for_eval(settings: Settings, console: Console, timeout_s: float = 60
         return
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    env = {"QUIVER_PORT": str(port), "QUIVER_VLLM_PORT": str(free_port())}
     log = settings.data_dir / "logs" / "demo-up.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "QUIVER_PORT": str(port), "QUIVER_VLLM_PORT": str(free_port())}
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "quiver.cli", "up"], stdout=out, stderr=subprocess.STDOUT, env=env
-        )
+    command = [sys.executable, "-m", "quiver.cli", "up"]
+    process = processes.start("the gateway for the eval", command, log, env=env, append=False)
     try:
-        deadline = time.monotonic() + timeout_s
         with console.status(f"No gateway at {settings.host}:{settings.port}; starting one for the eval"):
-            while not _answers(url):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise DemoFailed(f"the gateway for the eval did not come up; see {log}")
-                time.sleep(1)
+            process.wait_ready(lambda: _answers(url), timeout_s, condition=f"{url}/v1/models answering 200")
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        process.stop(grace_s=60)
 
 
 def base_answers(url: str, prompts: list[str], console: Console) -> list[tuple[str, str]]:

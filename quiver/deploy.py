@@ -17,7 +17,8 @@ import httpx
 
 from adapters import AdapterVersion, Deployment, DeploymentStore
 from core.errors import Conflict, InvalidRequest, UpstreamError
-from core.vllm_server import VllmServer, port_in_use, stop_detached, vllm_command_line
+from core.processes import port_in_use, stop_detached
+from core.vllm_server import VllmServer, vllm_command_line
 
 
 def served_models(url: str, timeout_s: float = 10.0) -> list[str]:
@@ -93,10 +94,7 @@ def start_merged(
             raise UpstreamError(f"vLLM at {server.url} does not list {lora_name}; log {server.log_path}")
         assert server.process is not None
         return deployments.add_deployment(version.name, version.number, server.url, lora_name, pid=server.process.pid)
-    except RuntimeError as e:  # vLLM died or did not come up; the message has its log
-        server.stop()
-        raise UpstreamError(str(e)) from e
-    except BaseException:
+    except BaseException:  # ProcessFailed (an UpstreamError) when vLLM died or did not come up, with its log
         server.stop()
         raise
 

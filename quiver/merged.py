@@ -116,7 +116,7 @@ def deploy_merged(
     import time
 
     from adapters import DeploymentStore
-    from core.vllm_server import free_port
+    from core.processes import free_port
     from quiver import deploy
 
     settings = _served_settings()

@@ -15,7 +15,9 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from core import embedded
-from core.vllm_server import VllmServer, port_in_use
+from core.errors import QuiverError
+from core.processes import port_in_use
+from core.vllm_server import VllmServer
 from gateway import Settings, create_app
 from gateway.observability import configure_logging
 
@@ -155,8 +157,8 @@ def run(
                 server.start()
                 with console.status("Starting vLLM (about 40 s on a CPU)") as status:
                     server.wait_ready(on_wait=lambda line: status.update(f"Starting vLLM: [dim]{line}[/]"))
-            except RuntimeError as exc:
-                raise UpFailed(str(exc)) from None
+            except QuiverError as exc:  # the port is taken, or vLLM exited or did not come up (with its log)
+                raise UpFailed(exc.message) from None
             vllm_url = server.url
         settings = _settings(**given, vllm_url=vllm_url, base_model=base, base_model_path=base_path)
         write_served(settings)

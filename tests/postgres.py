@@ -16,7 +16,6 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -27,6 +26,8 @@ from typing import NoReturn
 
 import pytest
 from sqlalchemy import create_engine, text
+
+from core.processes import free_port
 
 _USER = "quiver"
 
@@ -115,7 +116,7 @@ def running_postgres(bindir: Path | None = None) -> Iterator[PostgresCluster]:
         user = pwd.getpwnam("postgres")
         os.chown(root, user.pw_uid, user.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
+    port = free_port()
     options = (
         f"-p {port} -k {root} -c listen_addresses=127.0.0.1 "
         "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
@@ -183,10 +184,3 @@ def _runnable_by_postgres(bindir: Path) -> Iterator[Path]:
         yield root / package.name / install.name / "bin"
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from core import processes
 from tests.postgres import missing_server
 
 
@@ -30,13 +29,6 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _answers(port: int) -> bool:
@@ -57,22 +49,12 @@ def redis_server() -> Iterator[RedisServer]:
     if binary is None:
         missing_server("redis-server not found (apt-get install redis-server)")
     root = Path(tempfile.mkdtemp(prefix="quiver-redis-"))
-    port = _free_port()
-    log = (root / "redis.log").open("w")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(root)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    port = processes.free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(root)]
+    process = processes.start("redis-server", args, root / "redis.log")
     try:
-        deadline = time.monotonic() + 30
-        while not _answers(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start:\n{(root / 'redis.log').read_text()}")
-            time.sleep(0.05)
+        process.wait_ready(lambda: _answers(port), 30, condition="answering PING", interval_s=0.05)
         yield RedisServer(port)
     finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
+        process.stop(grace_s=10)
         shutil.rmtree(root, ignore_errors=True)

@@ -1,10 +1,8 @@
-"""Real servers for tests: the gateway in a thread on a free port (vLLM is started by conftest)."""
+"""Real servers for tests: the gateway in a thread on a free port; vLLM and gateway processes (``core.processes``)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -14,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import uvicorn
 
-from core import embedded
-from core.vllm_server import VllmServer, free_port
+from core import embedded, processes
+from core.processes import ChildProcess, free_port
+from core.vllm_server import VllmServer
 from gateway import Settings, create_app
 
 
@@ -46,11 +44,9 @@ class GatewayServer:
 
     def start(self) -> None:
         self._thread.start()
-        deadline = time.monotonic() + 60
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the gateway did not start; see the log above")
-            time.sleep(0.02)
+        wait_until(lambda: self._server.started or not self._thread.is_alive(), what="the gateway's thread to start")
+        if not self._server.started:
+            raise RuntimeError("the gateway did not start; see the log above")
 
     def stop(self) -> None:
         self._server.should_exit = True
@@ -93,7 +89,7 @@ def running_gateway(settings: Settings) -> Iterator[GatewayServer]:
 
 
 def wait_until(predicate, timeout_s: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    """Poll an externally observable condition (a server coming up) with a deadline."""
+    """Poll an externally observable condition (a gateway seeing a change) with a deadline."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
@@ -101,37 +97,19 @@ def wait_until(predicate, timeout_s: float = 60.0, what: str = "condition") -> N
         time.sleep(0.1)
 
 
-def healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 @dataclass
 class GatewayProcess:
     """A gateway in a process of its own (``quiver up --vllm-url``), for what a thread cannot show: kill -9."""
 
     url: str
-    process: subprocess.Popen[bytes]
+    process: ChildProcess
 
 
 @contextmanager
 def gateway_process(env: dict[str, str], vllm_url: str, log_path: Path) -> Iterator[GatewayProcess]:
     """Start ``quiver up`` in front of a running vLLM with ``env`` (``QUIVER_*``) until the block ends."""
     port = free_port()
-    with log_path.open("a") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "quiver.cli", "up", "--vllm-url", vllm_url, "--port", str(port)],
-            env=dict(os.environ, **env),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until(lambda: process.poll() is None and healthy(url), timeout_s=180, what=f"a gateway ({log_path})")
-            yield GatewayProcess(url, process)
-        finally:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(60)
+    url = f"http://127.0.0.1:{port}"
+    args = [sys.executable, "-m", "quiver.cli", "up", "--vllm-url", vllm_url, "--port", str(port)]
+    with processes.serving("the gateway", args, log_path, f"{url}/health", env=env, timeout_s=180, grace_s=60) as p:
+        yield GatewayProcess(url, p)

@@ -4,6 +4,7 @@ requeues it at its last step when the gateway that started it dies) or fails say
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -69,8 +70,8 @@ def test_kill_9_mid_upload_and_mid_training_leaves_the_registry_consistent(
         uploader.start()
         assert half_sent.wait(30)
         time.sleep(0.5)  # let the gateway spool what it got
-        first.process.send_signal(signal.SIGKILL)
-        first.process.wait(30)
+        os.kill(first.process.pid, signal.SIGKILL)
+        assert first.process.wait(30) == -signal.SIGKILL
         uploader.join(90)
     assert outcome and isinstance(outcome[0], httpx.HTTPError), "the client saw the connection drop"
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import httpx
 
-from core.vllm_server import free_port, port_in_use
+from core import processes
+from core.processes import free_port, healthy, port_in_use
 from tests.integration.openai_helpers import QUESTION, client, greedy
-from tests.servers import healthy, wait_until
+from tests.servers import wait_until
 
 
 def quiver(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -27,16 +28,11 @@ def test_up_starts_vllm_serves_pushes_and_stops_both_on_ctrl_c(
     """What `make up` runs: quiver up with its own vLLM on the embedded model."""
     port, vllm_port = free_port(), free_port()
     env = dict(os.environ, QUIVER_DATA_DIR=str(tmp_path / "data"))
-    log = (tmp_path / "up.log").open("w")
-    up = subprocess.Popen(
-        [sys.executable, "-m", "quiver.cli", "up", "--port", str(port), "--vllm-port", str(vllm_port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    command = [sys.executable, "-m", "quiver.cli", "up", "--port", str(port), "--vllm-port", str(vllm_port)]
+    up = processes.start("quiver up", command, tmp_path / "up.log", env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: up.poll() is None and healthy(url), timeout_s=600, what="quiver up to serve")
+        up.wait_healthy(f"{url}/health", timeout_s=600)
         assert port_in_use("127.0.0.1", vllm_port)
         assert "base" in {m.id for m in client(url).models.list()}
 
@@ -80,14 +76,12 @@ def test_up_starts_vllm_serves_pushes_and_stops_both_on_ctrl_c(
         streamed = client(url).chat.completions.create(model=name, messages=QUESTION, max_tokens=8, stream=True)  # type: ignore[arg-type]
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     finally:
-        up.send_signal(signal.SIGINT)
-        code = up.wait(60)
-        log.close()
+        code = up.stop(steps=((signal.SIGINT, 60),))  # Ctrl-C
     output = (tmp_path / "up.log").read_text()
     assert code == 0, output
     assert "Quiver is serving" in output and f"localhost:{port}" in output
     assert "Stopped." in output
-    assert not healthy(url)
+    assert not healthy(f"{url}/health")
     assert not port_in_use("127.0.0.1", vllm_port), "Ctrl-C stops vLLM too"
 
 

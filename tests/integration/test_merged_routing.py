@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from adapters import DeploymentStore, Registry
-from core.vllm_server import port_in_use, running, vllm_command_line
+from core.processes import alive, port_in_use
+from core.vllm_server import vllm_command_line
 from gateway import Settings
 from tests.integration.openai_helpers import greedy, push
 from tests.servers import running_gateway, wait_until
@@ -91,7 +92,7 @@ def test_merged_deployment_takes_traffic_and_gives_it_back_without_a_failed_requ
             assert failures == []
             assert served == {f"merged:{lora}", lora}
             # `deploy rm` also stopped the server it had started.
-            assert not running(pid)
+            assert not alive(pid)
             assert not port_in_use("127.0.0.1", int(deployment.url.rsplit(":", 1)[1]))
         finally:
             if not removed:  # the test failed before `deploy rm`: do not leave its vLLM running

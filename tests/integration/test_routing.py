@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from core import embedded
-from core.vllm_server import VllmServer, free_port
+from core.processes import free_port
+from core.vllm_server import VllmServer
 from gateway import Settings
 from tests.integration.openai_helpers import QUESTION, client, error_of, push
 from tests.servers import GatewayServer, running_gateway

@@ -11,10 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core.processes import healthy
 from core.vllm_server import VllmServer
 from gateway import Settings
 from tests.integration.openai_helpers import QUESTION, error_of, greedy, push
-from tests.servers import GatewayServer, healthy, running_gateway, wait_until
+from tests.servers import GatewayServer, running_gateway, wait_until
 
 
 # A vLLM restart takes 40 s on a quiet machine and several minutes when other work holds the cores.
@@ -70,7 +71,7 @@ def test_vllm_killed_then_restarted(
 
     vllm.start()
     vllm.wait_ready(timeout_s=600)
-    wait_until(lambda: healthy(gateway.url), what="the gateway to see vLLM again")
+    wait_until(lambda: healthy(f"{gateway.url}/health"), what="the gateway to see vLLM again")
     after, headers = greedy(gateway.url, unique_name)
     assert headers["x-quiver-served-by"] == lora
     assert after == before
@@ -78,7 +79,7 @@ def test_vllm_killed_then_restarted(
 
 
 def test_nothing_listening_is_503_with_retry_after(settings: Settings) -> None:
-    from core.vllm_server import free_port
+    from core.processes import free_port
 
     nowhere = settings.model_copy(update={"vllm_url": f"http://127.0.0.1:{free_port()}", "base_model_path": None})
     with running_gateway(nowhere) as gateway:
