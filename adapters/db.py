@@ -1,5 +1,6 @@
 """The registry's tables (SQLAlchemy Core), engine set-up for SQLite or any SQLAlchemy URL, and ``Database``:
-the one engine every store (adapters, deployments, keys, usage) works over, with the one write protocol."""
+the one engine every registry store (adapters, deployments, keys, usage) works over, with the one write protocol.
+The fine-tuning job queue (``jobs``) keeps its own tables and engine on the same database URL."""
 
 from __future__ import annotations
 

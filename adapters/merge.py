@@ -137,7 +137,7 @@ class MergeReport:
         return self.equivalence.equivalent
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON form stored in the registry (``Registry.record_merge``)."""
+        """The JSON form stored in the registry (``DeploymentStore.record_merge``)."""
         return {
             "model": self.lora_name,
             "adapter_sha256": self.adapter_sha256,

@@ -81,6 +81,7 @@ class ChildProcess:
 
     @property
     def pid(self) -> int:
+        """The process id, which also names its process group."""
         return self._popen.pid
 
     def exit_code(self) -> int | None:

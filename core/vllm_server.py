@@ -103,10 +103,6 @@ class VllmServer:
             "vLLM", self.command(), self.log_path, env=self.environment(), detach=self.detach
         )
 
-    def last_log_line(self) -> str:
-        """The last non-empty line vLLM logged, for progress displays."""
-        return processes.last_log_line(self.log_path)
-
     def wait_ready(self, timeout_s: float = 300.0, on_wait: Callable[[str], None] | None = None) -> None:
         """Block until ``/health`` answers 200 (``on_wait`` gets vLLM's last log line meanwhile); ProcessFailed with
         the log's end if vLLM exits first or times out."""

@@ -16,8 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from adapters import BaseModelSpec, Registry
-from adapters.db import Database
+from adapters import BaseModelSpec
 from core.embeddings import Embedder
 from core.errors import QuiverError
 from gateway import admin, files, fine_tuning, routes
@@ -37,9 +36,10 @@ from gateway.rag import RagPath, index_url, open_index
 from gateway.rag.target import RagTarget
 from gateway.registry_view import RegistryView
 from gateway.residency import Residency
-from gateway.router import AUTO, BASE_ALIAS, Router
+from gateway.router import Router
 from gateway.serving import Proxy
 from gateway.settings import Settings
+from gateway.stores import open_registry
 from gateway.tokens import PromptMeter
 from gateway.upstream import VllmReplica
 from gateway.usage import UsageMeter
@@ -76,26 +76,6 @@ async def _base_spec(settings: Settings, replica: VllmReplica) -> BaseModelSpec 
         )
         return None
     return await anyio.to_thread.run_sync(BaseModelSpec.from_model_dir, path, settings.base_model)
-
-
-def open_registry(settings: Settings, base: BaseModelSpec | None) -> Registry:
-    """The registry these settings describe; the gateway and the CLI open it the same way."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)  # the default SQLite database is in it
-    reserved = {BASE_ALIAS, AUTO} | ({settings.base_model} if settings.base_model else set())
-    return Registry.open(
-        settings.registry_url,
-        settings.adapter_store,
-        base=base,
-        max_lora_rank=settings.max_lora_rank,
-        reserved_names=frozenset(reserved),
-        promotion_margin=settings.promotion_margin,
-    )
-
-
-def open_database(settings: Settings) -> Database:
-    """The registry's database alone, for the stores that need no adapter store (keys, tenants, usage)."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)  # the default SQLite database is in it
-    return Database.open(settings.registry_url)
 
 
 async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None, tracing: Tracing) -> Gateway:

@@ -213,6 +213,7 @@ def start_vllm(
 def ready_vllm(
     stack: ExitStack, base_dir: Path, work: Path, name: str, *, slots: int, lora: bool = True, rank: int = 8
 ) -> str:
+    """A vLLM for a benchmark (stopped when ``stack`` closes), once it answers; returns its URL."""
     server = start_vllm(stack, base_dir, work, name, slots=slots, rank=rank, lora=lora)
     server.wait_ready()
     return str(server.url)

@@ -7,35 +7,17 @@ a new or revoked key takes effect on every gateway at its next registry refresh 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from access.keys import INFERENCE, SCOPES
 from core.errors import QuiverError
-
-if TYPE_CHECKING:
-    from adapters.db import Database
+from quiver.context import console, err, fail, open_database
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
 tenants_app = typer.Typer(no_args_is_help=True, help="Tenants and their rate limits.")
-
-console = Console(width=140) if not Console().is_terminal else Console()
-err = Console(stderr=True)
-
-
-def _database() -> Database:
-    from gateway.app import open_database
-    from gateway.settings import Settings
-
-    return open_database(Settings())
-
-
-def _fail(exc: QuiverError) -> NoReturn:
-    err.print(f"[red]error[/] ({exc.code}): {exc.message}")
-    raise typer.Exit(1)
 
 
 def _limit(value: int | None) -> str:
@@ -57,13 +39,13 @@ def keys_create(
     from access.store import KeyStore
 
     expires = datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days is not None else None
-    database = _database()
+    database = open_database()
     try:
         created = KeyStore(database).create_key(
             tenant, scope or [INFERENCE], name=name, requests_per_min=rpm, tokens_per_min=tpm, expires_at=expires
         )
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         database.close()
     key = created.key
@@ -77,7 +59,7 @@ def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant'
     """Every key: id, tenant, scopes, limits, state (active, revoked, expired). Never the secret."""
     from access.store import KeyStore
 
-    database = _database()
+    database = open_database()
     try:
         found = KeyStore(database).api_keys(tenant)
     finally:
@@ -105,11 +87,11 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id, as `qu
     """Revoke a key; every gateway refuses it from its next registry refresh on."""
     from access.store import KeyStore
 
-    database = _database()
+    database = open_database()
     try:
         key = KeyStore(database).revoke_key(key_id)
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         database.close()
     console.print(f"revoked {key.id} (tenant {key.tenant})")
@@ -124,12 +106,12 @@ def tenants_limit(
     """Set a tenant's limits, shared by all its keys; options left out keep their value."""
     from access.store import KeyStore
 
-    database = _database()
+    database = open_database()
     changes = {k: (v or None) for k, v in (("requests_per_min", rpm), ("tokens_per_min", tpm)) if v is not None}
     try:
         found = KeyStore(database).set_tenant_limits(tenant, **changes)
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         database.close()
     console.print(
@@ -146,7 +128,7 @@ def usage(
     """Requests, errors and tokens per minute, tenant, key and what served them."""
     from access.store import UsageStore
 
-    database = _database()
+    database = open_database()
     try:
         rows = UsageStore(database).usage(
             tenant=tenant, key_id=key, served_by=adapter, since=datetime.now(UTC) - timedelta(hours=hours)

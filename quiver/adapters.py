@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from core.errors import InvalidRequest, QuiverError
-from quiver.context import _fail, _registry, console, err
+from quiver.context import console, err, fail, open_registry
 
 adapters_app = typer.Typer(no_args_is_help=True, help="The adapter registry.")
 
@@ -23,7 +23,7 @@ def adapters_push(
     ] = None,
 ) -> None:
     """Validate and register a new version of an adapter."""
-    registry = _registry()
+    registry = open_registry()
     try:
         with err.status(f"Validating and storing {directory}"):
             if directory.is_dir():
@@ -31,7 +31,7 @@ def adapters_push(
             else:
                 result = registry.push_archive(name, directory, tenant=tenant)
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         registry.close()
     v = result.version
@@ -42,7 +42,7 @@ def adapters_push(
 @adapters_app.command("list")
 def adapters_list() -> None:
     """List adapters, versions and aliases."""
-    registry = _registry()
+    registry = open_registry()
     try:
         adapters = registry.adapters()
     finally:
@@ -68,11 +68,11 @@ def adapters_alias(
 
     `prod` takes only a version whose `quiver eval` report beats the best baseline by the promotion margin.
     """
-    registry = _registry()
+    registry = open_registry()
     try:
         registry.set_alias(name, alias, version, force=force)
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         registry.close()
     console.print(f"{name}@{alias} -> {name}@v{version}")
@@ -98,7 +98,7 @@ def adapters_set(
 ) -> None:
     """Set how the gateway routes to NAME: its description and examples (for `auto`) and its fallback chain."""
     if sum((bool(fallback), default_fallback, no_fallback)) > 1:
-        _fail(InvalidRequest("give at most one of --fallback, --default-fallback and --no-fallback"))
+        fail(InvalidRequest("give at most one of --fallback, --default-fallback and --no-fallback"))
     given: dict[str, Any] = {}
     if description is not None:
         given["description"] = description
@@ -107,12 +107,12 @@ def adapters_set(
     if fallback or default_fallback or no_fallback:
         given["fallback"] = list(fallback or []) if not default_fallback else None
     if not given:
-        _fail(InvalidRequest("nothing to set: give --description, --example or a fallback option"))
-    registry = _registry()
+        fail(InvalidRequest("nothing to set: give --description, --example or a fallback option"))
+    registry = open_registry()
     try:
         routing = registry.set_routing(name, **given).routing
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         registry.close()
     chain = "the gateway's default" if routing.fallback is None else (", ".join(routing.fallback) or "none")
@@ -124,11 +124,11 @@ def adapters_set(
 @adapters_app.command("rm")
 def adapters_rm(name: str, version: Annotated[int, typer.Option(help="Version number to delete.")]) -> None:
     """Delete one version (refused while an alias points at it)."""
-    registry = _registry()
+    registry = open_registry()
     try:
         registry.delete_version(name, version)
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         registry.close()
     console.print(f"deleted {name}@v{version}")

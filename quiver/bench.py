@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from core.errors import InvalidRequest
-from quiver.context import _fail, console, err
+from quiver.context import console, err, fail
 
 
 class Benchmark(StrEnum):
@@ -42,17 +42,18 @@ def bench(
     start, naive transformers + PEFT, merged vs unmerged, registry scale, gateway memory. `--only training` and
     `--only routing` (affinity vs round-robin over two replicas) add the training and placement comparisons."""
     from core import embedded
+    from core.vllm_server import has_cuda
     from loadtest import suite
 
     # The default run is the serving suite (under 15 minutes on a 2-core CPU); training and placement start
     # processes of their own and run when named.
     chosen = set(only or set(Benchmark) - {Benchmark.training, Benchmark.routing})
     if vllm_url is not None and chosen != {Benchmark.gateway}:
-        _fail(InvalidRequest("--vllm-url goes with --only gateway (the other sections start their own vLLM)"))
+        fail(InvalidRequest("--vllm-url goes with --only gateway (the other sections start their own vLLM)"))
     if gpu and base_model is None:
-        _fail(InvalidRequest("--gpu needs --base-model: a model directory to serve on CUDA", param="base_model"))
-    if gpu and not _cuda():
-        _fail(InvalidRequest("--gpu: CUDA is not available on this machine", param="gpu"))
+        fail(InvalidRequest("--gpu needs --base-model: a model directory to serve on CUDA", param="base_model"))
+    if gpu and not has_cuda():
+        fail(InvalidRequest("--gpu: CUDA is not available on this machine", param="gpu"))
     base = base_model or embedded.prepare(console=err)
     profile = suite.GPU_PROFILE if gpu else suite.Profile()
     if chosen == {Benchmark.gateway} and vllm_url is not None:
@@ -84,9 +85,3 @@ def _bench_placement(base: Path, out: Path, profile: Any) -> None:
     with tempfile.TemporaryDirectory(prefix="quiver-bench-adapters-") as tmp:
         adapters = fixtures.make_adapters(base, Path(tmp), 6, profile.rank, err)
         routing.run_placement(base, adapters, out, console)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -1,8 +1,5 @@
 """What the commands share: the consoles they print to, the settings of what ``quiver up`` serves, the registry
-they open, and the one way a command fails on a ``QuiverError``.
-
-The helpers keep their leading underscore: they are the command modules' plumbing, not an API.
-"""
+and database they open, and the one way a command fails on a ``QuiverError``."""
 
 from __future__ import annotations
 
@@ -16,13 +13,14 @@ from core.errors import QuiverError
 
 if TYPE_CHECKING:
     from adapters import Registry
+    from adapters.db import Database
     from gateway.settings import Settings
 
 console = Console(width=140) if not Console().is_terminal else Console()
 err = Console(stderr=True)
 
 
-def _served_settings() -> Settings:
+def served_settings() -> Settings:
     """``QUIVER_*`` settings, with what the last ``quiver up`` served filling in the base model and rank left unset."""
     from gateway.settings import Settings
     from quiver.up import read_served
@@ -39,7 +37,7 @@ def _served_settings() -> Settings:
     return settings.model_copy(update=update)
 
 
-def _base_model(settings: Settings) -> tuple[Path | None, str | None]:
+def served_base_model(settings: Settings) -> tuple[Path | None, str | None]:
     """The base model's directory and served name: what ``quiver up`` serves, else the embedded model if prepared."""
     from core import embedded
 
@@ -49,17 +47,26 @@ def _base_model(settings: Settings) -> tuple[Path | None, str | None]:
     return base_dir, base_name
 
 
-def _registry() -> Registry:
+def open_registry() -> Registry:
     """The registry from ``QUIVER_*`` settings, validating pushes against what ``quiver up`` serves."""
     from adapters import BaseModelSpec
-    from gateway.app import open_registry
+    from gateway import stores
 
-    settings = _served_settings()
-    base_dir, base_name = _base_model(settings)
+    settings = served_settings()
+    base_dir, base_name = served_base_model(settings)
     base = BaseModelSpec.from_model_dir(base_dir, base_name) if base_dir else None
-    return open_registry(settings, base)
+    return stores.open_registry(settings, base)
 
 
-def _fail(exc: QuiverError) -> NoReturn:
+def open_database() -> Database:
+    """The registry's database alone (``QUIVER_DATABASE_URL``), for keys, tenants and usage."""
+    from gateway import stores
+    from gateway.settings import Settings
+
+    return stores.open_database(Settings())
+
+
+def fail(exc: QuiverError) -> NoReturn:
+    """Print the error as the commands do and exit with status 1."""
     err.print(f"[red]error[/] ({exc.code}): {exc.message}")
     raise typer.Exit(1)

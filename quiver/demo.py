@@ -91,7 +91,7 @@ def base_answers(url: str, prompts: list[str], console: Console) -> list[tuple[s
 def run(settings: Settings, base_dir: Path, out: Path, console: Console) -> dict[str, Any]:
     """Generate, train, push, evaluate and (if the gate allows) promote; returns the eval report."""
     from adapters import BaseModelSpec
-    from gateway.app import open_registry
+    from gateway.stores import open_registry
     from training.config import TrainConfig
     from training.demo import replay_prompts, write_demo, write_replay
     from training.eval import TaskSpec, evaluate, report_table

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from core.errors import QuiverError
-from quiver.context import _fail, _served_settings, console, err
+from quiver.context import console, err, fail, served_settings
 
 
 def loadtest(
@@ -46,7 +46,7 @@ def loadtest(
     from loadtest.scenarios import Options
 
     if host is None:
-        settings = _served_settings()
+        settings = served_settings()
         host = f"http://{settings.host}:{settings.port}"
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
     try:
@@ -59,5 +59,5 @@ def loadtest(
         )  # fmt: skip
         code = runner.run(test, console, err)
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     raise typer.Exit(code)

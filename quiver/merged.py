@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from core.errors import QuiverError
-from quiver.context import _base_model, _fail, _registry, _served_settings, console, err
+from quiver.context import console, err, fail, open_registry, served_base_model, served_settings
 
 if TYPE_CHECKING:
     from adapters.merge import MergeReport
@@ -47,13 +47,13 @@ def merge(
     from adapters import DeploymentStore
     from adapters.merge import merge_version
 
-    settings = _served_settings()
-    base_dir, _ = _base_model(settings)
+    settings = served_settings()
+    base_dir, _ = served_base_model(settings)
     if base_dir is None:
         err.print("[red]error[/]: no base model; set QUIVER_BASE_MODEL_PATH or run `quiver model prepare`")
         raise typer.Exit(1)
     lines = prompts.read_text(encoding="utf-8").splitlines() if prompts else []
-    registry = _registry()
+    registry = open_registry()
     try:
         version = registry.resolve(model)
         out = output or settings.data_dir / "merged" / version.lora_name
@@ -66,7 +66,7 @@ def merge(
         if report.saved:
             DeploymentStore.beside(registry).record_merge(version.name, version.number, report.path, report.to_json())
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         registry.close()
     if not report.saved:
@@ -119,8 +119,8 @@ def deploy_merged(
     from core.processes import free_port
     from quiver import deploy
 
-    settings = _served_settings()
-    registry = _registry()
+    settings = served_settings()
+    registry = open_registry()
     started = time.monotonic()
     try:
         version = registry.resolve(model)
@@ -135,7 +135,7 @@ def deploy_merged(
                     extra_args=tuple(vllm_arg or ()),
                 )  # fmt: skip
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         registry.close()
     pid = f", pid {deployment.pid}" if deployment.pid else ""
@@ -150,7 +150,7 @@ def deploy_list() -> None:
     """List deployments."""
     from adapters import DeploymentStore
 
-    registry = _registry()
+    registry = open_registry()
     try:
         deployments = DeploymentStore.beside(registry).deployments()
     finally:
@@ -167,13 +167,13 @@ def deploy_rm(model: Annotated[str, typer.Argument(help="The deployed version: N
     from adapters import DeploymentStore, parse_lora_name
     from quiver import deploy
 
-    registry = _registry()
+    registry = open_registry()
     try:
         name, number = parse_lora_name(model)
         with err.status(f"Removing the deployment of {model}"):
             deployment, stopped = deploy.remove(DeploymentStore.beside(registry), name, number)
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         registry.close()
     note = f"; stopped vLLM (pid {deployment.pid})" if stopped else ""

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from core.errors import QuiverError
-from quiver.context import _fail, console, err
+from quiver.context import console, err, fail
 
 if TYPE_CHECKING:
     from gateway.rag import VectorIndex
@@ -73,7 +73,7 @@ def rag_ingest(
             bar.stop()
         elapsed = time.perf_counter() - started
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         index.close()
     written = sum(r.chunks for r in results)
@@ -113,7 +113,7 @@ def rag_query(
             rag = RagPath(index, Embedder())
         sources = rag.retrieve(collection, text, k)
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         index.close()
     for n, source in enumerate(sources, 1):
@@ -129,7 +129,7 @@ def rag_rm(collection: str) -> None:
     try:
         index.drop(collection)
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         index.close()
     console.print(f"deleted collection '{collection}'")

@@ -11,7 +11,7 @@ import typer
 
 from core.errors import QuiverError
 from quiver.adapters import adapters_push
-from quiver.context import _fail, _registry, _served_settings, console, err
+from quiver.context import console, err, fail, open_registry, served_settings
 
 if TYPE_CHECKING:
     from training.config import Method, PeftMethod
@@ -47,7 +47,7 @@ def train(
     from training.config import TrainConfig
     from training.train import train as run_training
 
-    served = _served_settings()
+    served = served_settings()
     # Train against the base `quiver up` serves (or the embedded one), so the adapter fits it.
     base_dir = base or served.base_model_path or embedded.prepare(console=err)
     modules: str | tuple[str, ...] = (
@@ -77,7 +77,7 @@ def train(
         )
         result = run_training(config, data, val=val, test=test, resume=resume, console=err)
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"adapter written to [bold]{result.adapter_dir}[/] ({result.global_step} steps)")
     if push:
         adapters_push(result.adapter_dir, name)
@@ -104,9 +104,9 @@ def eval_(
     """Score an adapter and three baselines (base + prompt, few-shot, RAG) on a test set, through the gateway."""
     from training.eval import TaskSpec, evaluate, report_table
 
-    settings = _served_settings()
+    settings = served_settings()
     spec_path = spec or test.parent / "dataset_spec.json"
-    registry = _registry()
+    registry = open_registry()
     try:
         version = registry.resolve(model)
         task = TaskSpec.from_file(spec_path) if spec_path.is_file() else TaskSpec()
@@ -119,7 +119,7 @@ def eval_(
         if store:
             registry.record_evaluation(version.name, version.number, report)
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         registry.close()
     console.print(report_table(report, registry.promotion_margin))
@@ -136,11 +136,11 @@ def demo(
     from core import embedded
     from quiver import demo as demo_module
 
-    settings = _served_settings()
+    settings = served_settings()
     base_dir = settings.base_model_path or embedded.prepare(console=err)
     if settings.base_model is None:
         settings = settings.model_copy(update={"base_model": embedded.SERVED_NAME})
     try:
         demo_module.run(settings, base_dir, output, err)
     except QuiverError as exc:
-        _fail(exc)
+        fail(exc)

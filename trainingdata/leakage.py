@@ -31,6 +31,7 @@ def normalize_text(text: str) -> str:
 
 
 def check_threshold(near_threshold: float | None) -> None:
+    """ValueError unless ``near_threshold`` is None (exact duplicates only) or in (0, 1]."""
     if near_threshold is not None and not 0.0 < near_threshold <= 1.0:
         raise ValueError(f"near_threshold must be in (0, 1], not {near_threshold}")
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 import yaml
 from helm_python.chart import Chart, lint
 
+from core import embedded
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 
@@ -127,6 +130,11 @@ def test_compose_wires_the_stack_with_settings_the_code_reads() -> None:
     }  # fmt: skip
     assert targets == {"gateway:8000", f"vllm:{vllm_port.group(1)}"}
     assert "8000:8000" in gateway["ports"] and "--port" in gateway["command"]
+    # The vLLM service finds the model directory with a snippet of Python: it must run against this code.
+    [snippet] = re.findall(r"python -c '([^']+)'", services["vllm"]["command"][-1])
+    printed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.strip() == str(embedded.model_dir())
 
 
 def test_the_dashboard_only_charts_metrics_the_gateway_exports() -> None:
