@@ -9,7 +9,7 @@ are noticed by polling the registry's revision counter.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
-from access.keys import ApiKey, KeyRing, NewKey, Tenant
+from access.keys import KeyRing
 from access.store import KeyStore, UsageStore
 from access.usage import UsageRow
 from adapters import Adapter, Catalog, Deployment, DeploymentStore, PushResult, Registry
@@ -100,41 +100,6 @@ class RegistryView:
         return await self._call(partial(self._deployments.remove_deployment, name, number))
 
     # -- keys and usage -------------------------------------------------------------------------
-
-    async def create_key(
-        self,
-        tenant: str,
-        scopes: Iterable[str],
-        *,
-        name: str | None = None,
-        requests_per_min: int | None = None,
-        tokens_per_min: int | None = None,
-        expires_at: datetime | None = None,
-    ) -> NewKey:
-        """``KeyStore.create_key``; this gateway accepts the key from the next request on."""
-        work = partial(
-            self._key_store.create_key,
-            tenant,
-            list(scopes),
-            name=name,
-            requests_per_min=requests_per_min,
-            tokens_per_min=tokens_per_min,
-            expires_at=expires_at,
-        )
-        return await self._call(work)
-
-    async def revoke_key(self, key_id: str) -> ApiKey:
-        """``KeyStore.revoke_key``; this gateway refuses the key from the next request on."""
-        return await self._call(partial(self._key_store.revoke_key, key_id))
-
-    async def set_tenant_limits(
-        self, tenant: str, *, requests_per_min: int | None | Unset = UNSET, tokens_per_min: int | None | Unset = UNSET
-    ) -> Tenant:
-        """``KeyStore.set_tenant_limits``: left out, a limit keeps its value."""
-        work = partial(
-            self._key_store.set_tenant_limits, tenant, requests_per_min=requests_per_min, tokens_per_min=tokens_per_min
-        )
-        return await self._call(work)
 
     async def record_usage(self, rows: Sequence[UsageRow]) -> None:
         """Add counts to the usage table (no registry change: nothing to refresh)."""

@@ -24,7 +24,7 @@ from adapters.db import Database
 from core.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway import create_app
 from tests.postgres import postgres_cluster  # noqa: F401 - a fixture, used by name
-from tests.unit.test_gateway_app import RestartingVllm, _settings, registry_of
+from tests.unit.test_gateway_app import RestartingVllm, _settings, keys_of, registry_of
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -229,13 +229,14 @@ async def test_keys_scopes_and_tenants_through_the_api(tmp_path: Path, tiny_adap
     async for client in _client(app, client_host="10.1.2.3"):
         gateway = app.state.gateway
         view = gateway.registry
-        acme_key = await view.create_key("acme", [INFERENCE, ADAPTERS_WRITE])
-        acme = acme_key.token
-        globex = (await view.create_key("globex", [INFERENCE])).token
-        admin = (await view.create_key("ops", [ADMIN])).token
-        gone = await view.create_key("acme", [INFERENCE])
-        await view.revoke_key(gone.key.id)
-        stale = await view.create_key("acme", [INFERENCE], expires_at=datetime.now(UTC) + timedelta(seconds=30))
+        with keys_of(app) as keys:
+            acme_key = keys.create_key("acme", [INFERENCE, ADAPTERS_WRITE])
+            acme = acme_key.token
+            globex = keys.create_key("globex", [INFERENCE]).token
+            admin = keys.create_key("ops", [ADMIN]).token
+            gone = keys.create_key("acme", [INFERENCE])
+            keys.revoke_key(gone.key.id)
+            stale = keys.create_key("acme", [INFERENCE], expires_at=datetime.now(UTC) + timedelta(seconds=30))
         with registry_of(app) as reg:
             with reg.database.engine.begin() as conn:  # its expiry passes (no waiting for it)
                 conn.execute(
@@ -302,8 +303,10 @@ async def test_keys_scopes_and_tenants_through_the_api(tmp_path: Path, tiny_adap
             "globex",
         }
 
-        # Revocation takes effect with the refresh that follows it.
-        await view.revoke_key(acme_key.key.id)
+        # A key revoked outside this gateway (the CLI, another gateway) is refused from the next refresh on.
+        with keys_of(app) as keys:
+            keys.revoke_key(acme_key.key.id)
+        await view.refresh()
         after = await client.post("/v1/chat/completions", json=CHAT | {"model": "m"}, headers=_auth(acme))
         assert after.status_code == 401
 

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from access.store import KeyStore
 from adapters import Registry
 from gateway import Settings, create_app
 from gateway.metrics import Metrics
@@ -67,6 +68,13 @@ def registry_of(app: FastAPI) -> Iterator[Registry]:
     settings = app.state.gateway.settings
     with Registry.open(settings.registry_url, settings.adapter_store) as registry:
         yield registry
+
+
+@contextmanager
+def keys_of(app: FastAPI) -> Iterator[KeyStore]:
+    """The running app's keys and tenants, written beside it as ``quiver keys`` writes them."""
+    with registry_of(app) as registry:
+        yield KeyStore(registry.database)
 
 
 async def test_adapter_forgotten_by_a_restarted_vllm_is_loaded_again_without_an_error(

@@ -18,7 +18,7 @@ from gateway.metrics import Metrics
 from gateway.tokens import PromptMeter
 from tests.redis import RedisServer, redis_server  # noqa: F401 - a fixture, used by name
 from tests.unit.test_access import CHAT, _auth, _client
-from tests.unit.test_gateway_app import RestartingVllm, _settings
+from tests.unit.test_gateway_app import RestartingVllm, _settings, keys_of
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0.25, "250ms"), (1.0, "1s"), (59.2, "1m0s"), (361, "6m1s")])
@@ -29,7 +29,9 @@ def test_resets_are_written_as_openai_writes_them(seconds: float, text: str) -> 
 async def test_a_key_over_its_requests_per_minute_gets_429_with_the_headers_the_client_reads(tmp_path: Path) -> None:
     app = create_app(_settings(tmp_path), transport=httpx.MockTransport(RestartingVllm()))
     async for client in _client(app):
-        token = (await app.state.gateway.registry.create_key("acme", [INFERENCE], requests_per_min=2)).token
+        with keys_of(app) as keys:
+            token = keys.create_key("acme", [INFERENCE], requests_per_min=2).token
+        await app.state.gateway.registry.refresh()
         body = CHAT | {"model": "m"}
         answers = [await client.post("/v1/chat/completions", json=body, headers=_auth(token)) for _ in range(3)]
         assert [a.status_code for a in answers] == [200, 200, 429]
@@ -53,10 +55,11 @@ async def test_a_key_over_its_requests_per_minute_gets_429_with_the_headers_the_
 async def test_a_tenants_token_limit_is_shared_by_its_keys_and_refusals_cost_nothing(tmp_path: Path) -> None:
     app = create_app(_settings(tmp_path), transport=httpx.MockTransport(RestartingVllm()))
     async for client in _client(app):
-        view = app.state.gateway.registry
-        first = (await view.create_key("acme", [INFERENCE], requests_per_min=10)).token
-        second = (await view.create_key("acme", [INFERENCE])).token
-        await view.set_tenant_limits("acme", tokens_per_min=300)
+        with keys_of(app) as keys:
+            first = keys.create_key("acme", [INFERENCE], requests_per_min=10).token
+            second = keys.create_key("acme", [INFERENCE]).token
+            keys.set_tenant_limits("acme", tokens_per_min=300)
+        await app.state.gateway.registry.refresh()
         body = CHAT | {"model": "m", "max_tokens": 100}  # prompt bound 66 (no tokenizer here) + 100 = 166 tokens
         ok = await client.post("/v1/chat/completions", json=body, headers=_auth(first))
         assert ok.status_code == 200 and ok.headers["x-ratelimit-remaining-tokens"] == "134"
