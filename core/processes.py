@@ -161,6 +161,8 @@ def start(
 
     Unless ``detach``, the process gets SIGTERM when the one that started it dies (even by SIGKILL), so no server
     outlives its supervisor; a detached one outlives it (a merged deployment outlives the CLI).
+    Linux sends that SIGTERM when the starting *thread* ends: start long-lived processes from a thread that lives as
+    long as they should (the gateway's fine-tuning workers, started from worker threads, watch their parent instead).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab" if append else "wb") as log:
