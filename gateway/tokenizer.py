@@ -16,8 +16,6 @@ from tokenizers import AddedToken, Tokenizer, processors
 
 from gateway.chat_template import ChatTemplate, template_source
 
-# transformers' named special tokens; every other ``*_token`` key of the config is a model-specific one.
-_NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Pre-tokenizers that split byte-level text without dropping any of it.
 _KEEPS_EVERY_BYTE = {"ByteLevel", "Split", "Digits"}
 
@@ -34,24 +32,23 @@ def _added_token(value: Any) -> AddedToken | None:
     if isinstance(value, str):
         return AddedToken(value, special=True, normalized=False)
     if isinstance(value, dict) and isinstance(value.get("content"), str):
-        fields = {k: value[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in value}
-        return AddedToken(value["content"], special=True, **fields)
+        given = ("single_word", "lstrip", "rstrip", "normalized", "special")
+        fields = {"special": True} | {k: value[k] for k in given if k in value}
+        return AddedToken(value["content"], **fields)
     return None
 
 
 def special_tokens(config: Mapping[str, Any], special_tokens_map: Mapping[str, Any]) -> dict[str, AddedToken]:
-    """The named special tokens (``bos_token``, ``eos_token``, ...), as transformers resolves them."""
+    """The named special tokens (``bos_token``, ``eos_token``, a model's own ``*_token``), as transformers
+    resolves them."""
     given = dict(config)
     if "added_tokens_decoder" not in config:  # an older directory: its special_tokens_map.json wins
         given.update(special_tokens_map)
+    named = {key: value for key, value in given.items() if key.endswith("_token")}
     extra = given.get("extra_special_tokens")
-    named = {**given, **(extra if isinstance(extra, dict) else {})}
-    tokens = {}
-    for key, value in named.items():
-        token = _added_token(value) if key in _NAMED or key.endswith("_token") else None
-        if token is not None:
-            tokens[key] = token
-    return tokens
+    named.update(extra if isinstance(extra, dict) else {})
+    tokens = {key: _added_token(value) for key, value in named.items()}
+    return {key: token for key, token in tokens.items() if token is not None}
 
 
 def _add_missing(tokenizer: Tokenizer, config: Mapping[str, Any], named: Mapping[str, AddedToken]) -> None:
@@ -108,6 +105,9 @@ def longest_token_bytes(tokenizer: Tokenizer, spec: Mapping[str, Any]) -> int | 
     return max([regular, *(len(t.content.encode()) for t in added)]) or None
 
 
+TOKENIZER_FILE = "tokenizer.json"
+
+
 class ModelTokenizer:
     """Token counts under one model's tokenizer, and its chat template (None when it has none)."""
 
@@ -119,7 +119,7 @@ class ModelTokenizer:
     @classmethod
     def load(cls, model_dir: Path) -> ModelTokenizer:
         """Read ``tokenizer.json``, ``tokenizer_config.json`` and the chat template of a model directory."""
-        spec_text = (model_dir / "tokenizer.json").read_text(encoding="utf-8")
+        spec_text = (model_dir / TOKENIZER_FILE).read_text(encoding="utf-8")
         config = _read_json(model_dir / "tokenizer_config.json")
         named = special_tokens(config, _read_json(model_dir / "special_tokens_map.json"))
         tokenizer = Tokenizer.from_str(spec_text)

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from gateway.tokenizer import ModelTokenizer, proven_minimum
+from gateway.tokenizer import TOKENIZER_FILE, ModelTokenizer, proven_minimum
 
 log = logging.getLogger("quiver.tokens")
 
@@ -87,6 +87,9 @@ class PromptMeter:
     def _tokenizer(self) -> ModelTokenizer | None:
         if self._base_model_dir is None:
             return None
+        if not (self._base_model_dir / TOKENIZER_FILE).is_file():
+            log.warning("%s has no %s: prompts are bounded, not counted", self._base_model_dir, TOKENIZER_FILE)
+            return None
         return ModelTokenizer.load(self._base_model_dir)
 
     # The counts below take a ceiling: above it, a number of tokens proven from the length alone may come
@@ -99,7 +102,7 @@ class PromptMeter:
     def _count_base_locked(self, payload: dict[str, Any], ceiling: int | None) -> int | None:
         tokenizer = self._tokenizer
         if tokenizer is None:
-            return None  # unknown base directory: vLLM will judge
+            return None  # unknown base directory or tokenizer: vLLM will judge
         if "messages" in payload:
             messages = [
                 {"role": m.get("role", "user"), "content": _text(m.get("content"))}

@@ -204,10 +204,14 @@ def test_no_proof_where_a_token_may_stand_for_more_than_its_bytes(
     assert tokenizer.count("x" * 100_000, special=False, ceiling=10) > 10  # counted, not proven
 
 
-async def test_a_model_without_a_chat_template_leaves_the_judgement_to_vllm(
-    base_model_dir: Path, tmp_path: Path
+@pytest.mark.parametrize("missing", ["chat template", "tokenizer.json"])
+async def test_a_model_without_a_chat_template_or_tokenizer_leaves_the_judgement_to_vllm(
+    base_model_dir: Path, tmp_path: Path, missing: str
 ) -> None:
-    meter = PromptMeter(_model_dir(base_model_dir, tmp_path / "m", None))
+    model_dir = _model_dir(base_model_dir, tmp_path / "m", None)
+    if missing == "tokenizer.json":
+        (model_dir / "tokenizer.json").unlink()
+    meter = PromptMeter(model_dir)
     payload = {"messages": [{"role": "user", "content": "word " * 1000}]}
     assert await meter.fits(payload, 64, frontier=False)
     assert await meter.count(payload, frontier=False) == PromptMeter.bound(payload)
