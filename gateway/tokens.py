@@ -49,8 +49,7 @@ class PromptMeter:
 
     def __init__(self, base_model_dir: Path | None) -> None:
         self._base_model_dir = base_model_dir
-        # The tokenizer loads once, on first use; and a Rust tokenizer refuses two threads that borrow it at
-        # once ("Already borrowed").
+        # The tokenizer loads once, on first use, whichever worker thread asks first.
         self._lock = threading.Lock()
 
     @staticmethod
