@@ -1,8 +1,13 @@
 """Does a prompt fit a target's context window? Counted with the model's own tokenizer, or tiktoken.
 
-Tokenizing every request would cost the hot path milliseconds, so a bound comes first: a byte-level
-BPE token covers at least one byte, so the prompt's UTF-8 length plus the chat template's overhead
-bounds its token count from above. Only prompts whose bound does not fit are tokenized.
+Tokenizing every request would cost the hot path milliseconds, so bounds come first. From above: a
+byte-level BPE token covers at least one byte, so the prompt's UTF-8 length plus the chat template's
+overhead bounds its token count; a prompt under that bound fits. From below: no token covers more bytes
+than the vocabulary's longest, so the prompt's length divided by that proves it cannot fit; a 30 MB body
+is refused without tokenizing it. Only prompts between the two are tokenized.
+
+The base model is read with ``tokenizers`` and its chat template rendered with jinja2
+(``gateway.tokenizer``): the gateway imports no transformers.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+
+from gateway.tokenizer import TOKENIZER_FILE, ModelTokenizer, proven_minimum
 
 log = logging.getLogger("quiver.tokens")
 
@@ -42,7 +49,7 @@ class PromptMeter:
 
     def __init__(self, base_model_dir: Path | None) -> None:
         self._base_model_dir = base_model_dir
-        # Fast tokenizers fail when two threads use one at once ("Already borrowed").
+        # The tokenizer loads once, on first use, whichever worker thread asks first.
         self._lock = threading.Lock()
 
     @staticmethod
@@ -65,49 +72,57 @@ class PromptMeter:
         if self.bound(payload) <= room:
             return True
         count = self._count_frontier if frontier else self._count_base
-        tokens = await anyio.to_thread.run_sync(count, payload)
+        tokens = await anyio.to_thread.run_sync(count, payload, room)
         return tokens is None or tokens <= room
 
     async def count(self, payload: dict[str, Any], *, frontier: bool) -> int:
         """The prompt's tokens: tiktoken for frontier models, else the base model's tokenizer (the byte bound
-        when its directory is unknown)."""
+        when its directory or its chat template is unknown)."""
         count = self._count_frontier if frontier else self._count_base
-        tokens = await anyio.to_thread.run_sync(count, payload)
+        tokens = await anyio.to_thread.run_sync(count, payload, None)
         return tokens if tokens is not None else self.bound(payload)
 
     @cached_property
-    def _tokenizer(self) -> Any:
+    def _tokenizer(self) -> ModelTokenizer | None:
         if self._base_model_dir is None:
             return None
-        from transformers import AutoTokenizer
+        if not (self._base_model_dir / TOKENIZER_FILE).is_file():
+            log.warning("%s has no %s: prompts are bounded, not counted", self._base_model_dir, TOKENIZER_FILE)
+            return None
+        return ModelTokenizer.load(self._base_model_dir)
 
-        return AutoTokenizer.from_pretrained(str(self._base_model_dir))
+    # The counts below take a ceiling: above it, a number of tokens proven from the length alone may come
+    # back instead of the exact count, which is all a context check needs to know.
 
-    def _count_base(self, payload: dict[str, Any]) -> int | None:
+    def _count_base(self, payload: dict[str, Any], ceiling: int | None) -> int | None:
         with self._lock:
-            return self._count_base_locked(payload)
+            return self._count_base_locked(payload, ceiling)
 
-    def _count_base_locked(self, payload: dict[str, Any]) -> int | None:
+    def _count_base_locked(self, payload: dict[str, Any], ceiling: int | None) -> int | None:
         tokenizer = self._tokenizer
         if tokenizer is None:
-            return None  # unknown base directory: vLLM will judge
+            return None  # unknown base directory or tokenizer: vLLM will judge
         if "messages" in payload:
             messages = [
-                {"role": m.get("role", "user"), "content": _text(m.get("content"))} for m in payload["messages"]
+                {"role": m.get("role", "user"), "content": _text(m.get("content"))}
+                for m in payload["messages"]
+                if isinstance(m, dict)
             ]
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-            return len(ids)
+            prompt = tokenizer.render(messages)
+            if prompt is None:
+                return None  # no chat template: vLLM will judge
+            return tokenizer.count(prompt, special=False, ceiling=ceiling)
         prompt = payload.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             return len(prompt)
         texts = prompt if isinstance(prompt, list) else [prompt or ""]
-        return max(len(tokenizer(str(t))["input_ids"]) for t in texts)
+        return max(tokenizer.count(str(t), special=True, ceiling=ceiling) for t in texts)
 
     def count_text(self, text: str) -> int:
         """Tokens of ``text`` under the base model's tokenizer (a byte count when its directory is unknown)."""
         with self._lock:
             tokenizer = self._tokenizer
-            return len(tokenizer(text)["input_ids"]) if tokenizer is not None else len(text.encode())
+            return tokenizer.count(text, special=True) if tokenizer is not None else len(text.encode())
 
     @cached_property
     def _encoding(self) -> Any:
@@ -115,11 +130,26 @@ class PromptMeter:
 
         return tiktoken.get_encoding(FRONTIER_ENCODING)
 
-    def _count_frontier(self, payload: dict[str, Any]) -> int:
-        # OpenAI's published estimate for chat: 3 tokens per message of framing, 3 to prime the reply.
-        if "messages" in payload:
+    @cached_property
+    def _longest_frontier_token(self) -> int:
+        return max(len(token) for token in self._encoding.token_byte_values())
+
+    def _count_frontier(self, payload: dict[str, Any], ceiling: int | None) -> int:
+        chat = "messages" in payload
+        if chat:
             texts = [_text(m.get("content")) for m in payload["messages"] if isinstance(m, dict)]
-            return sum(3 + len(self._encoding.encode(t, disallowed_special=())) for t in texts) + 3
-        prompt = payload.get("prompt")
-        texts = prompt if isinstance(prompt, list) else [prompt or ""]
-        return max(len(self._encoding.encode(str(t), disallowed_special=())) for t in texts)
+        else:
+            prompt = payload.get("prompt")
+            texts = [str(t) for t in prompt] if isinstance(prompt, list) else [str(prompt or "")]
+        if ceiling is not None:
+            longest = self._longest_frontier_token
+            at_least = _frontier_total(chat, [proven_minimum(len(t.encode()), longest) for t in texts])
+            if at_least > ceiling:
+                return at_least
+        return _frontier_total(chat, [len(self._encoding.encode(t, disallowed_special=())) for t in texts])
+
+
+def _frontier_total(chat: bool, counts: list[int]) -> int:
+    """A chat's tokens by OpenAI's published estimate (3 of framing per message, 3 to prime the reply), or
+    the longest of several completion prompts."""
+    return sum(counts) + 3 * len(counts) + 3 if chat else max(counts)
