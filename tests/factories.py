@@ -45,13 +45,26 @@ def tiny_llama_config() -> LlamaConfig:
     )
 
 
-def tiny_llama_model(seed: int = 0) -> LlamaForCausalLM:
-    """The tiny Llama with weights drawn from ``seed``, in float32 on the CPU."""
+def tiny_llama_model(seed: int = 0, config: LlamaConfig | None = None) -> LlamaForCausalLM:
+    """The tiny Llama (or ``config``'s Llama) with weights drawn from ``seed``, in float32 on the CPU."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(tiny_llama_config())  # type: ignore[no-untyped-call]
+        model = LlamaForCausalLM(config or tiny_llama_config())  # type: ignore[no-untyped-call]
     model.train(False)
     return model
+
+
+def save_tiny_llama(out: Path, *, seed: int = 0, max_shard_size: str | None = None, **config_changes: Any) -> Path:
+    """The tiny Llama saved in ``out`` as a base model directory (``config.json``, safetensors weights).
+
+    ``config_changes`` edit its config (``tie_word_embeddings=False``); ``max_shard_size`` shards the weights.
+    """
+    config = tiny_llama_config()
+    for key, value in config_changes.items():
+        setattr(config, key, value)
+    options = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    tiny_llama_model(seed, config).save_pretrained(out, **options)
+    return out
 
 
 # -- adapters -----------------------------------------------------------------------------------

@@ -234,7 +234,7 @@ def test_empty_weights_file_is_refused(good: Path, base: BaseModelSpec, tmp_path
 
 
 def test_base_spec_from_a_model_dir(tmp_path: Path) -> None:
-    f.tiny_llama_config().save_pretrained(tmp_path)
+    f.save_tiny_llama(tmp_path)
     spec = BaseModelSpec.from_model_dir(tmp_path)
     assert spec.name == str(tmp_path)
     assert spec.architecture == "LlamaForCausalLM"
