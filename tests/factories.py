@@ -121,6 +121,16 @@ def edit_weights(adapter_dir: Path, change: Callable[[dict[str, torch.Tensor]], 
     return adapter_dir
 
 
+def with_dtype(adapter_dir: Path, dtype: torch.dtype) -> Path:
+    """Every tensor of the adapter converted to ``dtype`` in place (PEFT saves in the model's dtype)."""
+
+    def convert(tensors: dict[str, torch.Tensor]) -> None:
+        for key, tensor in tensors.items():
+            tensors[key] = tensor.to(dtype)
+
+    return edit_weights(adapter_dir, convert)
+
+
 def copy_adapter(good: Path, out: Path) -> Path:
     """A writable copy of ``good`` at ``out``."""
     shutil.copytree(good, out)
