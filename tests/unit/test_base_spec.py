@@ -3,41 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import pytest
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from adapters import BaseModelSpec
 from tests import factories as f
-
-
-def spec_on_meta_device(cfg: PretrainedConfig, name: str) -> BaseModelSpec:
-    """The reference (how BaseModelSpec was read before): build the model on the meta device, list its nn.Linear."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)  # type: ignore[no-untyped-call]
-    embeddings = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
-    linear_shapes: dict[str, tuple[int, int]] = {}
-    embedding_modules: set[str] = set()
-    for module_name, module in model.named_modules():
-        if id(module) in embeddings:
-            embedding_modules.add(module_name)
-        if isinstance(module, torch.nn.Linear):
-            linear_shapes[module_name] = (module.in_features, module.out_features)
-    architectures = getattr(cfg, "architectures", None) or [type(model).__name__]
-    return BaseModelSpec(
-        name=name,
-        linear_shapes=MappingProxyType(linear_shapes),
-        architecture=str(architectures[0]),
-        embedding_modules=frozenset(embedding_modules),
-    )
-
-
-def reference(model_dir: Path, name: str) -> BaseModelSpec:
-    return spec_on_meta_device(AutoConfig.from_pretrained(model_dir), name)
-
 
 TINY_VARIANTS: dict[str, dict[str, Any]] = {
     "tied": {},
@@ -53,13 +24,13 @@ def test_header_spec_of_a_tiny_llama_equals_the_built_model(changes: dict[str, A
     if "max_shard_size" in changes:
         assert len(list(model_dir.glob("model-*.safetensors"))) > 1
     spec = BaseModelSpec.from_model_dir(model_dir, "tiny")
-    assert spec == reference(model_dir, "tiny")
+    assert spec == f.meta_device_spec(model_dir, "tiny")
     assert ("lm_head" in spec.embedding_modules) and spec.linear_shapes["lm_head"] == (32, 128)
 
 
 def test_header_spec_of_the_embedded_model_equals_the_built_model(base_model_dir: Path) -> None:
     spec = BaseModelSpec.from_model_dir(base_model_dir, "smol")
-    assert spec == reference(base_model_dir, "smol")
+    assert spec == f.meta_device_spec(base_model_dir, "smol")
     assert spec.linear_shapes["model.layers.29.self_attn.k_proj"] == (576, 192)
     assert spec.embedding_modules == {"model.embed_tokens", "lm_head"}  # tied: lm_head is not in the file
 
