@@ -14,12 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, BinaryIO
 
-import torch
-from safetensors import safe_open
-
-from adapters.spec import BaseModelSpec
+from adapters.spec import EMBEDDING_LEAVES, BaseModelSpec
+from adapters.tensorfile import DTYPES, TensorEntry, TensorFileError, count_nonfinite, read_header_from
 from core.errors import InvalidAdapter
 
 CONFIG_FILE = "adapter_config.json"
@@ -31,10 +29,7 @@ PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".ckpt"})
 
 # PEFT saves LoRA weights without the adapter name: base_model.model.<module>.lora_A.weight
 _LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])\.weight")
-# Used only without a base spec; with one, the spec names the model's own embedding modules.
-_EMBEDDING_LEAVES = frozenset({"embed_tokens", "lm_head", "wte", "embed_out", "word_embeddings"})
 _DECODER_ONLY = "vLLM here serves LoRA on the decoder's linear layers only"
-_NATIVE_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 @dataclass(frozen=True)
@@ -169,13 +164,12 @@ def _check_weights(
     path: Path, base: BaseModelSpec | None, r: int, rank_pattern: Mapping[str, int]
 ) -> tuple[dict[str, int], int]:
     """Key names, A/B pairing, shapes against the base, and values; returns each module's rank."""
-    try:
-        weights = safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
-        raise InvalidAdapter(f"{WEIGHTS_FILE} is not a readable safetensors file: {e}") from e
-    with weights:
-        keys: list[str] = list(weights.keys())  # type: ignore[no-untyped-call]
-        halves, others = _pair_keys(keys)
+    with path.open("rb") as file:
+        try:
+            tensors = read_header_from(file, path.stat().st_size)
+        except TensorFileError as e:
+            raise InvalidAdapter(f"{WEIGHTS_FILE} is not a readable safetensors file: {e}") from e
+        halves, others = _pair_keys(list(tensors))
         # Say "LoRA on the LM head" before "stray lm_head weight": PEFT saves both for such a target.
         for module in sorted(halves):
             _check_target(module, base)
@@ -189,24 +183,22 @@ def _check_weights(
                 if half not in pair:
                     raise InvalidAdapter(f"layer '{module}' has no lora_{half} tensor")
             rank = _module_rank(module, r, rank_pattern)
-            a: torch.Tensor = weights.get_tensor(pair["A"])  # type: ignore[no-untyped-call]
-            b: torch.Tensor = weights.get_tensor(pair["B"])  # type: ignore[no-untyped-call]
-            for key, tensor in ((pair["A"], a), (pair["B"], b)):
-                if tensor.dim() != 2 or 0 in tensor.shape:
-                    raise InvalidAdapter(f"tensor '{key}' has shape {list(tensor.shape)}; LoRA weights are matrices")
-            in_features, out_features = base.linear_shapes[module] if base else (a.shape[1], b.shape[0])
-            for key, tensor, expected in (
-                (pair["A"], a, (rank, in_features)),
-                (pair["B"], b, (out_features, rank)),
-            ):
-                if tuple(tensor.shape) != expected:
+            a, b = tensors[pair["A"]], tensors[pair["B"]]
+            for tensor in (a, b):
+                if len(tensor.shape) != 2 or 0 in tensor.shape:
                     raise InvalidAdapter(
-                        f"tensor '{key}' has shape {list(tensor.shape)}, expected {list(expected)} "
+                        f"tensor '{tensor.name}' has shape {list(tensor.shape)}; LoRA weights are matrices"
+                    )
+            in_features, out_features = base.linear_shapes[module] if base else (a.shape[1], b.shape[0])
+            for tensor, expected in ((a, (rank, in_features)), (b, (out_features, rank))):
+                if tensor.shape != expected:
+                    raise InvalidAdapter(
+                        f"tensor '{tensor.name}' has shape {list(tensor.shape)}, expected {list(expected)} "
                         f"(rank {rank}, layer '{module}')"
                     )
-                _check_values(key, tensor)
+                _check_values(file, tensor)
             ranks[module] = rank
-    return ranks, len(keys)
+    return ranks, len(tensors)
 
 
 def _pair_keys(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
@@ -242,18 +234,21 @@ def _unexpected_tensor(key: str) -> str:
 
 def _check_target(module: str, base: BaseModelSpec | None) -> None:
     leaf = module.rsplit(".", 1)[-1]
-    is_embedding = module in base.embedding_modules if base is not None else leaf in _EMBEDDING_LEAVES
+    # Without a base spec, the usual names; with one, the model's own embedding modules.
+    is_embedding = module in base.embedding_modules if base is not None else leaf in EMBEDDING_LEAVES
     if is_embedding:
         raise InvalidAdapter(f"layer '{module}' is an embedding or the LM head; {_DECODER_ONLY}")
     if base is not None and module not in base.linear_shapes:
         raise InvalidAdapter(f"layer '{module}' does not exist in base model {base.architecture}")
 
 
-def _check_values(key: str, tensor: torch.Tensor) -> None:
-    if not tensor.is_floating_point():
-        raise InvalidAdapter(f"tensor '{key}' has dtype {tensor.dtype}; LoRA weights must be floating point")
-    # isfinite is not implemented for float8 and friends.
-    values = tensor if tensor.dtype in _NATIVE_FLOATS else tensor.float()
-    if not bool(torch.isfinite(values).all()):
-        bad = int((~torch.isfinite(values)).sum())
-        raise InvalidAdapter(f"tensor '{key}' has {bad} non-finite values (NaN or inf)")
+def _check_values(file: BinaryIO, tensor: TensorEntry) -> None:
+    dtype = DTYPES[tensor.dtype]
+    if not dtype.floating:
+        # torch's name for the dtype: what a user of PEFT knows it as.
+        raise InvalidAdapter(
+            f"tensor '{tensor.name}' has dtype {dtype.torch_name}; LoRA weights must be floating point"
+        )
+    bad = count_nonfinite(file, tensor)
+    if bad:
+        raise InvalidAdapter(f"tensor '{tensor.name}' has {bad} non-finite values (NaN or inf)")

@@ -13,13 +13,15 @@ import tarfile
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from rich.console import Console
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from adapters import BaseModelSpec
 from training.config import TrainConfig
 from training.synthetic import random_lora
 
@@ -45,13 +47,49 @@ def tiny_llama_config() -> LlamaConfig:
     )
 
 
-def tiny_llama_model(seed: int = 0) -> LlamaForCausalLM:
-    """The tiny Llama with weights drawn from ``seed``, in float32 on the CPU."""
+def tiny_llama_model(seed: int = 0, config: LlamaConfig | None = None) -> LlamaForCausalLM:
+    """The tiny Llama (or ``config``'s Llama) with weights drawn from ``seed``, in float32 on the CPU."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(tiny_llama_config())  # type: ignore[no-untyped-call]
+        model = LlamaForCausalLM(config or tiny_llama_config())  # type: ignore[no-untyped-call]
     model.train(False)
     return model
+
+
+def save_tiny_llama(out: Path, *, seed: int = 0, max_shard_size: str | None = None, **config_changes: Any) -> Path:
+    """The tiny Llama saved in ``out`` as a base model directory (``config.json``, safetensors weights).
+
+    ``config_changes`` edit its config (``tie_word_embeddings=False``); ``max_shard_size`` shards the weights.
+    """
+    config = tiny_llama_config()
+    for key, value in config_changes.items():
+        setattr(config, key, value)
+    options = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    tiny_llama_model(seed, config).save_pretrained(out, **options)
+    return out
+
+
+def meta_device_spec(model_dir: Path, name: str) -> BaseModelSpec:
+    """The reference for ``BaseModelSpec.from_model_dir`` (how it was read before it read safetensors headers):
+    the model transformers builds from ``config.json`` on the meta device, and its ``nn.Linear`` layers."""
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    embeddings = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    linear_shapes: dict[str, tuple[int, int]] = {}
+    embedding_modules: set[str] = set()
+    for module_name, module in model.named_modules():
+        if id(module) in embeddings:
+            embedding_modules.add(module_name)
+        if isinstance(module, torch.nn.Linear):
+            linear_shapes[module_name] = (module.in_features, module.out_features)
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    return BaseModelSpec(
+        name=name,
+        linear_shapes=MappingProxyType(linear_shapes),
+        architecture=str(architectures[0]),
+        embedding_modules=frozenset(embedding_modules),
+    )
 
 
 # -- adapters -----------------------------------------------------------------------------------
@@ -106,6 +144,16 @@ def edit_weights(adapter_dir: Path, change: Callable[[dict[str, torch.Tensor]], 
     change(tensors)
     save_file(tensors, path, metadata={"format": "pt"})
     return adapter_dir
+
+
+def with_dtype(adapter_dir: Path, dtype: torch.dtype) -> Path:
+    """Every tensor of the adapter converted to ``dtype`` in place (PEFT saves in the model's dtype)."""
+
+    def convert(tensors: dict[str, torch.Tensor]) -> None:
+        for key, tensor in tensors.items():
+            tensors[key] = tensor.to(dtype)
+
+    return edit_weights(adapter_dir, convert)
 
 
 def copy_adapter(good: Path, out: Path) -> Path:

@@ -19,10 +19,16 @@ def model() -> torch.nn.Module:
     return factories.tiny_llama_model()
 
 
-@pytest.fixture(scope="module")
-def base() -> BaseModelSpec:
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama saved as a base model directory."""
+    return factories.save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def base(tiny_llama_dir: Path) -> BaseModelSpec:
     """The tiny Llama's layer shapes, as the registry checks adapters against them."""
-    return BaseModelSpec.from_config(factories.tiny_llama_config(), "tiny-llama")
+    return BaseModelSpec.from_model_dir(tiny_llama_dir, "tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -234,7 +234,7 @@ def test_empty_weights_file_is_refused(good: Path, base: BaseModelSpec, tmp_path
 
 
 def test_base_spec_from_a_model_dir(tmp_path: Path) -> None:
-    f.tiny_llama_config().save_pretrained(tmp_path)
+    f.save_tiny_llama(tmp_path)
     spec = BaseModelSpec.from_model_dir(tmp_path)
     assert spec.name == str(tmp_path)
     assert spec.architecture == "LlamaForCausalLM"
@@ -242,3 +242,47 @@ def test_base_spec_from_a_model_dir(tmp_path: Path) -> None:
     assert spec.linear_shapes["model.layers.0.mlp.down_proj"] == (48, 32)
     assert len(spec.linear_shapes) == 2 * 7 + 1  # 7 per layer, and lm_head
     assert spec.embedding_modules == {"model.embed_tokens", "lm_head"}
+
+
+FLOAT_DTYPES = [
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2,
+    torch.float8_e5m2fnuz,
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_adapter_in_any_float_dtype_passes(dtype: torch.dtype, good: Path, base: BaseModelSpec, tmp_path: Path) -> None:
+    adapter = f.with_dtype(f.copy_adapter(good, tmp_path / "a"), dtype)
+    assert validate_adapter_dir(adapter, base, MAX_RANK).rank == 8
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_non_finite_values_are_counted_as_torch_counts_them(
+    dtype: torch.dtype, good: Path, base: BaseModelSpec, tmp_path: Path
+) -> None:
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
+    poisoned: list[torch.Tensor] = []
+
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        tensor = tensors[key].clone()
+        tensor[2, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        tensors[key] = tensor.to(dtype)  # float8_e4m3fn has no inf: it saturates, and only the NaN counts
+        poisoned.append(tensors[key])
+
+    adapter = f.edit_weights(f.with_dtype(f.copy_adapter(good, tmp_path / "a"), dtype), poison)
+    expected = int((~torch.isfinite(poisoned[0].float())).sum())
+    assert expected in (1, 3)
+    reject(adapter, base, f"tensor '{key}' has {expected} non-finite values")
+
+
+def test_truncated_safetensors_is_refused(good: Path, base: BaseModelSpec, tmp_path: Path) -> None:
+    adapter = f.copy_adapter(good, tmp_path / "a")
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    reject(adapter, base, "not a readable safetensors file", "tensors end at byte")

@@ -1,0 +1,153 @@
+"""The gateway's part of the registry needs no torch: reading the base model, validating adapters, pushing them.
+
+Each check runs in a fresh interpreter whose first import finder refuses torch and the libraries built on it,
+as a lean gateway process must never import them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests import factories as f
+
+REPO = Path(__file__).resolve().parents[2]
+FORBIDDEN = ("torch", "transformers", "peft", "trl", "sentence_transformers")
+
+GUARD = textwrap.dedent(
+    f"""
+    import sys
+
+    FORBIDDEN = {FORBIDDEN!r}
+
+    class Forbid:
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in FORBIDDEN:
+                raise ImportError(f"{{name}} imported in a process that must not import it")
+            return None
+
+    sys.meta_path.insert(0, Forbid())
+    """
+)
+
+# Both bases' specs; the adapters validated against the tiny one and pushed to a registry on it.
+PUSH = textwrap.dedent(
+    """
+    import json
+    from pathlib import Path
+
+    import gateway.app
+    from adapters import BaseModelSpec, Registry, validate_adapter_dir
+
+    tiny_dir, embedded_dir, work, *adapter_dirs = map(Path, sys.argv[1:])
+    specs = {"tiny": BaseModelSpec.from_model_dir(tiny_dir), "embedded": BaseModelSpec.from_model_dir(embedded_dir)}
+    infos = [validate_adapter_dir(d, specs["tiny"], 16) for d in adapter_dirs]
+    with Registry.open(f"sqlite:///{work / 'registry.db'}", work / "store", base=specs["tiny"]) as registry:
+        pushed = [registry.push_dir(f"a{i}", d).version.lora_name for i, d in enumerate(adapter_dirs)]
+    print(json.dumps({
+        "specs": {
+            key: [spec.linear_shapes.copy(), sorted(spec.embedding_modules), spec.architecture]
+            for key, spec in specs.items()
+        },
+        "infos": [[info.rank, info.tensor_count] for info in infos],
+        "pushed": pushed,
+        "loaded": sorted(m for m in sys.modules if m.partition(".")[0] in FORBIDDEN),
+    }))
+    """
+)
+
+# The gateway in front of a fake vLLM: it reads the base model's spec at start-up, then checks each upload against it.
+UPLOAD = textwrap.dedent(
+    """
+    import asyncio
+    import json
+    from pathlib import Path
+
+    import httpx
+
+    from gateway import Settings, create_app
+
+    base_dir, data_dir, *archives = map(Path, sys.argv[1:])
+
+    def vllm(request):
+        return httpx.Response(200, json={"data": [{"id": "m", "root": str(base_dir), "parent": None}]})
+
+    async def upload_all():
+        settings = Settings(data_dir=data_dir, base_model="m", base_model_path=base_dir, health_interval_s=3600)
+        app = create_app(settings, transport=httpx.MockTransport(vllm))
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gateway") as client:
+                answers = []
+                for archive in archives:
+                    files = {"file": (archive.name, archive.read_bytes())}
+                    answer = await client.post("/v1/adapters", data={"name": archive.stem}, files=files)
+                    answers.append([answer.status_code, answer.text])
+                return answers
+
+    answers = asyncio.run(upload_all())
+    print(json.dumps({
+        "answers": answers,
+        "loaded": sorted(m for m in sys.modules if m.partition(".")[0] in FORBIDDEN),
+    }))
+    """
+)
+
+
+def run_guarded(code: str, *args: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter, after the import guard."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-c", GUARD + code, *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+
+def last_json_line(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return result
+
+
+def test_the_guard_refuses_torch() -> None:
+    done = run_guarded("import transformers")
+    assert done.returncode == 1
+    assert "transformers imported in a process that must not import it" in done.stderr
+
+
+def test_base_spec_validation_and_push_run_without_torch(
+    tiny_llama_dir: Path, base_model_dir: Path, tmp_path: Path
+) -> None:
+    fp32 = f.make_lora_adapter(f.tiny_llama_model(), tmp_path / "fp32")
+    bf16 = f.with_dtype(f.copy_adapter(fp32, tmp_path / "bf16"), torch.bfloat16)
+    (tmp_path / "work").mkdir()
+
+    result = last_json_line(run_guarded(PUSH, tiny_llama_dir, base_model_dir, tmp_path / "work", fp32, bf16))
+
+    assert result["loaded"] == []
+    for key, model_dir in (("tiny", tiny_llama_dir), ("embedded", base_model_dir)):
+        linear_shapes, embedding_modules, architecture = result["specs"][key]
+        expected = f.meta_device_spec(model_dir, "")
+        assert {module: tuple(shape) for module, shape in linear_shapes.items()} == expected.linear_shapes
+        assert (set(embedding_modules), architecture) == (expected.embedding_modules, expected.architecture)
+    assert result["infos"] == [[8, 2 * 2 * 2]] * 2  # rank 8; layers x modules x (A, B)
+    assert result["pushed"] == ["a0@v1", "a1@v1"]
+
+
+def test_the_gateway_checks_uploads_against_its_base_without_torch(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    good = f.make_lora_adapter(f.tiny_llama_model(), tmp_path / "good")
+    bf16 = f.with_dtype(f.copy_adapter(good, tmp_path / "bf16"), torch.bfloat16)
+    missing = f.with_missing_layer(good, tmp_path / "missing")
+    archives = [f.tar_of(d, tmp_path / f"{d.name}.gz") for d in (bf16, missing)]
+    (tmp_path / "data").mkdir()
+
+    result = last_json_line(run_guarded(UPLOAD, tiny_llama_dir, tmp_path / "data", *archives))
+
+    assert result["loaded"] == []
+    (created, _), (refused, message) = result["answers"]
+    assert (created, refused) == (201, 422)
+    assert "does not exist in base model LlamaForCausalLM" in message
