@@ -75,7 +75,11 @@ async def _base_spec(settings: Settings, replica: VllmReplica) -> BaseModelSpec 
             "for consistency but not against the base model's layer shapes"
         )
         return None
-    return await anyio.to_thread.run_sync(BaseModelSpec.from_model_dir, path, settings.base_model)
+    try:
+        return await anyio.to_thread.run_sync(BaseModelSpec.from_model_dir, path, settings.base_model)
+    except FileNotFoundError as exc:  # weights only as pytorch_model.bin: their shapes need torch to read
+        log.warning("%s; uploads are checked for consistency but not against the base model's layer shapes", exc)
+        return None
 
 
 async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None, tracing: Tracing) -> Gateway:
