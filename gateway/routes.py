@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated, Any
 
@@ -15,6 +14,7 @@ from access.keys import INFERENCE
 from adapters import AdapterVersion, Catalog
 from core.errors import InvalidRequest, ModelNotFound
 from gateway.auth import OPEN, Principal, requires
+from gateway.bodies import load_json
 from gateway.deps import Gateway, GatewayDep, gateway_of
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, invalid_request
 
@@ -26,10 +26,7 @@ _CARDS = TypeAdapter(list[ModelCard])
 
 def parse_body(raw: bytes, model: type[BaseModel]) -> tuple[dict[str, Any], BaseModel]:
     """Decode and check a JSON body; every problem is a 400 naming the parameter."""
-    try:
-        payload = json.loads(raw)
-    except ValueError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    payload = load_json(raw)
     if not isinstance(payload, dict):
         raise InvalidRequest("request body must be a JSON object")
     try:

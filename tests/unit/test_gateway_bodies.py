@@ -7,8 +7,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import pytest
 
+from core.errors import InvalidRequest
 from gateway import create_app
+from gateway.bodies import MAX_JSON_DEPTH, json_depth, load_json
 from tests import factories
 from tests.unit.test_gateway_app import RestartingVllm, _client, _settings
 
@@ -84,3 +87,53 @@ async def test_adapter_uploads_keep_their_own_larger_limit(tmp_path: Path, tiny_
     async for client in _client(app):
         pushed = await client.post("/v1/adapters", data={"name": "a"}, files={"file": ("a.tar.gz", archive)})
         assert pushed.status_code == 201, pushed.text
+
+
+def _nested(depth: int, inner: bytes = b"1") -> bytes:
+    """A chat request whose ``metadata`` nests lists so that the whole body is ``depth`` levels deep."""
+    lists = depth - 1  # the body's own object is the first level
+    return CHAT[:-1] + b',"x":' + b"[" * lists + inner + b"]" * lists + b"}"
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [
+        (b"1", 0),
+        (b'{"a": [1, {"b": []}]}', 4),
+        (b'["[[[", "\\"[[", {"a": [1]}]', 3),  # brackets inside strings, after an escaped quote
+        (b'["\\\\", [[]]]', 3),  # an escaped backslash does not escape the closing quote
+        (b'["\\\\\\"[", []]', 2),
+        ('["é]]]", [["ü"]]]'.encode(), 3),
+    ],
+)
+def test_json_depth_counts_structure_not_text(text: bytes, depth: int) -> None:
+    assert json_depth(text) == depth
+
+
+async def test_json_nested_past_the_bound_is_a_400_naming_the_problem(tmp_path: Path) -> None:
+    app = create_app(_settings(tmp_path), transport=httpx.MockTransport(RestartingVllm()))
+    async for client in _client(app):
+        # 5,000 levels made Python's decoder raise RecursionError: a 500 internal_error.
+        refused = await client.post("/v1/chat/completions", content=_nested(5000))
+        assert refused.status_code == 400
+        assert _error(refused) == {
+            "message": f"request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_request",
+        }
+        assert (await client.post("/v1/chat/completions", content=_nested(MAX_JSON_DEPTH + 1))).status_code == 400
+        assert (await client.post("/v1/completions", content=_nested(5000))).status_code == 400
+        # Up to the bound, and brackets in text at any depth, are served.
+        assert (await client.post("/v1/chat/completions", content=_nested(MAX_JSON_DEPTH))).status_code == 200
+        text = b'{"model":"m","messages":[{"role":"user","content":"' + b"[" * 5000 + b'"}]}'
+        assert (await client.post("/v1/chat/completions", content=text)).status_code == 200
+
+
+def test_the_depth_scan_of_a_body_at_the_size_limit_is_cheap() -> None:
+    # The worst bodies for the scan: every byte a bracket, or a quote.
+    for body in (b"[" * (8 * MiB), b"[" * 200 + b'""' * (4 * MiB)):
+        started = time.process_time()
+        with pytest.raises(InvalidRequest, match="levels deep"):
+            load_json(body)
+        assert time.process_time() - started < 0.5
