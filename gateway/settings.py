@@ -61,6 +61,7 @@ class Settings(BaseSettings):
         description="Largest request body but the uploads' (which have their own limits). A 128k-token context "
         "is under 1 MiB of JSON even as token ids; the rest is room for images as base64 data URLs.",
     )
+    max_n: int = Field(16, ge=1, description="Most choices (n) one generation request may ask for.")
     promotion_margin: float = Field(
         5.0, ge=0, description="Points an adapter must beat its best eval baseline by to become name@prod."
     )

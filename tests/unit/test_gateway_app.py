@@ -196,3 +196,20 @@ async def test_models_list_and_cards_follow_every_registry_change(tmp_path: Path
             assert one | {"created": 0} == card | {"created": 0}  # the base's `created` is the time of asking
         missing = await client.get("/v1/models/a@v3")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+async def test_n_is_capped_per_request(tmp_path: Path) -> None:
+    fake = RestartingVllm()
+    app = create_app(_settings(tmp_path, max_n=4), transport=httpx.MockTransport(fake))
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async for client in _client(app):
+        for endpoint, body in (("/v1/chat/completions", chat), ("/v1/completions", {"model": "m", "prompt": "hi"})):
+            refused = await client.post(endpoint, json=body | {"n": 1000})
+            assert refused.status_code == 400
+            assert refused.json()["error"] == {
+                "message": "n: at most 4 choices per request, got 1000",
+                "type": "invalid_request_error",
+                "param": "n",
+                "code": "invalid_request",
+            }
+            assert (await client.post(endpoint, json=body | {"n": 4})).status_code == 200
