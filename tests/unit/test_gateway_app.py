@@ -213,3 +213,41 @@ async def test_n_is_capped_per_request(tmp_path: Path) -> None:
                 "code": "invalid_request",
             }
             assert (await client.post(endpoint, json=body | {"n": 4})).status_code == 200
+
+
+class ShortContextVllm(RestartingVllm):
+    """Serves a 2,048-token context, as vLLM's /v1/models reports it."""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m", "root": "/m", "max_model_len": 2048}]})
+        return super().__call__(request)
+
+
+async def test_a_request_over_the_context_names_max_tokens_when_the_prompt_alone_fits(
+    tmp_path: Path, base_model_dir: Path
+) -> None:
+    app = create_app(
+        _settings(tmp_path, base_model_path=base_model_dir), transport=httpx.MockTransport(ShortContextVllm())
+    )
+    short = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    long = {"model": "m", "messages": [{"role": "user", "content": "word " * 1500}]}  # about 1,500 tokens
+    async for client in _client(app):
+        cases = [
+            (short | {"max_tokens": 100_000_000}, "max_tokens"),
+            (short | {"max_completion_tokens": 100_000_000}, "max_completion_tokens"),
+            (long | {"max_tokens": 1000}, "max_tokens"),
+            (long | {"messages": [{"role": "user", "content": "word " * 3000}], "max_tokens": 8}, "messages"),
+        ]
+        for body, param in cases:
+            refused = await client.post("/v1/chat/completions", json=body)
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert (error["param"], error["code"]) == (param, "context_length_exceeded")
+            assert "2048-token context of any target that could answer 'm'" in error["message"]
+        assert (
+            "max_tokens 100000000 plus the prompt" in (await client.post("/v1/chat/completions", json=cases[0][0])).text
+        )
+        prompt = await client.post("/v1/completions", json={"model": "m", "prompt": "word " * 3000, "max_tokens": 8})
+        assert prompt.json()["error"]["param"] == "prompt"
+        assert (await client.post("/v1/chat/completions", json=long | {"max_tokens": 500})).status_code == 200
