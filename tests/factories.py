@@ -146,9 +146,11 @@ def with_rank(good: Path, out: Path, rank: int = 64) -> Path:
     """Consistent config and tensors at ``rank`` (above the test servers' maximum by default)."""
 
     def resize(tensors: dict[str, torch.Tensor]) -> None:
+        # Random values, as trained weights have: constant ones would compress like a decompression bomb.
+        draw = torch.Generator().manual_seed(0)
         for key, tensor in tensors.items():
             shape = (rank, tensor.shape[1]) if ".lora_A." in key else (tensor.shape[0], rank)
-            tensors[key] = torch.full(shape, 0.01, dtype=tensor.dtype)
+            tensors[key] = (0.01 * torch.randn(shape, generator=draw)).to(tensor.dtype)
 
     adapter = edit_weights(copy_adapter(good, out), resize)
     return edit_config(adapter, r=rank, rank_pattern={})
