@@ -6,6 +6,7 @@ below and integration tests the real base model. Bad variants copy a good adapte
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import shutil
@@ -283,6 +284,26 @@ def zip_bomb(out: Path, size: int) -> Path:
             chunk = bytes(1024 * 1024)
             for start in range(0, size, len(chunk)):
                 member.write(chunk[: size - start])
+    return out
+
+
+def tar_bomb(out: Path, size: int, *, name: str = "adapter/adapter_model.safetensors", head: bytes = b"") -> Path:
+    """A tar.gz with one member of ``size`` bytes, ``head`` then zeros: a few MB for gigabytes.
+
+    Built from concatenated gzip members (valid gzip, as the format allows), so a gigabyte costs one
+    compressed block repeated instead of a gigabyte compressed.
+    """
+    info = tarfile.TarInfo(name)
+    info.size = size
+    block = 16 * 1024 * 1024
+    zeros = gzip.compress(bytes(block))
+    body = size - len(head)
+    padding = -size % tarfile.BLOCKSIZE
+    with out.open("wb") as f:
+        f.write(gzip.compress(info.tobuf(tarfile.GNU_FORMAT) + head))
+        for _ in range(body // block):
+            f.write(zeros)
+        f.write(gzip.compress(bytes(body % block + padding + 2 * tarfile.BLOCKSIZE)))
     return out
 
 
