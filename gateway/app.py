@@ -41,6 +41,7 @@ from gateway.router import AUTO, BASE_ALIAS, Router
 from gateway.serving import Proxy
 from gateway.settings import Settings
 from gateway.tokens import PromptMeter
+from gateway.uploads import UploadSlots
 from gateway.upstream import VllmReplica
 from gateway.usage import UsageMeter
 
@@ -153,7 +154,10 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None,
             "`quiver keys create --tenant NAME --scope inference` (or set QUIVER_ADMIN_KEY) to serve others"
         )
     limiter = RateLimiter.create(settings.redis_url, meter, metrics)
-    return Gateway(settings, metrics, pool, view, router, proxy, frontiers, rag, merged, auth, usage, limiter, hints)
+    uploads = UploadSlots(settings.max_concurrent_uploads)
+    return Gateway(
+        settings, metrics, pool, view, router, proxy, frontiers, rag, merged, auth, usage, limiter, uploads, hints
+    )
 
 
 def _replica(

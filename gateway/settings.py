@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     health_interval_s: float = Field(1.0, gt=0, description="How often vLLM is polled.")
     registry_refresh_s: float = Field(1.0, gt=0, description="How often outside registry writes are seen.")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest adapter archive accepted.")
+    max_concurrent_uploads: int = Field(
+        4, ge=1, description="Adapter uploads handled at once; one more is refused with 503 and Retry-After."
+    )
     max_body_bytes: int = Field(
         8 * 1024**2,
         gt=0,
