@@ -81,12 +81,17 @@ class BodyLimit:
         if scope["type"] != "http" or (scope["method"], scope["path"]) in self.spooled:
             await self.app(scope, receive, send)
             return
-        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None:
+            # The server delivers no more than the declared length: the body passes as it comes, when the app
+            # asks for it (after authentication, say), or not at all.
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
             return
-        # Read here rather than counting as the app reads: the app's own body parsing (FastAPI's) would turn
-        # an error raised from receive() into a 400.
+        # Sent without a length: read here, up to the limit, rather than count as the app reads, since the app's
+        # own body parsing (FastAPI's) would turn an error raised from receive() into a 400.
         first = await self._read(receive)
         if first is None:
             await self._refuse(scope, receive, send)
