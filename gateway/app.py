@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -22,6 +21,7 @@ from core.errors import QuiverError
 from gateway import admin, files, fine_tuning, routes
 from gateway.auth import Authenticator
 from gateway.auto import SemanticRouter
+from gateway.bodies import BodyLimit
 from gateway.deployments import MergedDeployments
 from gateway.deps import Gateway
 from gateway.frontier import Frontier
@@ -31,7 +31,7 @@ from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
 from gateway.observability import RequestContext, Tracing
 from gateway.pool import Member, ReplicaPool
-from gateway.protocol import invalid_request
+from gateway.protocol import error_response, invalid_request
 from gateway.rag import RagPath, index_url, open_index
 from gateway.rag.target import RagTarget
 from gateway.registry_view import RegistryView
@@ -41,18 +41,14 @@ from gateway.serving import Proxy
 from gateway.settings import Settings
 from gateway.stores import open_registry
 from gateway.tokens import PromptMeter
+from gateway.uploads import UploadSlots
 from gateway.upstream import VllmReplica
 from gateway.usage import UsageMeter
 
 log = logging.getLogger("quiver.gateway")
 
-
-def error_response(exc: QuiverError) -> JSONResponse:
-    """The one place a QuiverError becomes an HTTP answer."""
-    headers = dict(exc.headers)
-    if exc.retry_after is not None:
-        headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
-    return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+# The multipart uploads, which check their own, larger limits while spooling to disk.
+SPOOLED_UPLOADS = (("POST", "/v1/adapters"), ("POST", "/v1/files"))
 
 
 def base_model_dir(settings: Settings, replica: VllmReplica) -> Path | None:
@@ -142,7 +138,10 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None,
             "`quiver keys create --tenant NAME --scope inference` (or set QUIVER_ADMIN_KEY) to serve others"
         )
     limiter = RateLimiter.create(settings.redis_url, meter, metrics)
-    return Gateway(settings, metrics, pool, view, router, proxy, frontiers, rag, merged, auth, usage, limiter, hints)
+    uploads = UploadSlots(settings.max_concurrent_uploads)
+    return Gateway(
+        settings, metrics, pool, view, router, proxy, frontiers, rag, merged, auth, usage, limiter, uploads, hints
+    )
 
 
 def _replica(
@@ -204,6 +203,8 @@ def create_app(
             await anyio.to_thread.run_sync(gateway.registry.close)
 
     app = FastAPI(title="Quiver", version="0.1.0", lifespan=lifespan)
+    # Inside RequestContext (added last, so outermost), which puts the request id on a 413 as on any answer.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, spooled=SPOOLED_UPLOADS)
     app.add_middleware(RequestContext, tracing=tracing)
     app.include_router(routes.router)
     app.include_router(admin.router)

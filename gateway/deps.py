@@ -21,6 +21,7 @@ from gateway.residency import Residency
 from gateway.router import Router
 from gateway.serving import Proxy
 from gateway.settings import Settings
+from gateway.uploads import UploadSlots
 from gateway.upstream import VllmReplica
 from gateway.usage import UsageMeter
 
@@ -41,6 +42,7 @@ class Gateway:
     auth: Authenticator
     usage: UsageMeter
     limiter: RateLimiter
+    uploads: UploadSlots
     hints: ResidencyHints | None = None
 
     # The first replica's parts: the only ones in the embedded default.

@@ -1,7 +1,8 @@
 """Per-minute limits on requests and tokens, for each key and each tenant, in-process or shared through Redis.
 
-A request costs one request and ``prompt tokens + max_tokens`` tokens (what it may consume at most; the
-prompt counted with the base model's tokenizer, or tiktoken for frontier models). It is admitted only if
+A request costs one request and ``prompt tokens + n x max_tokens`` tokens (what it may consume at most: each of
+its ``n`` choices may generate ``max_tokens``; the prompt counted with the base model's tokenizer, or tiktoken
+for frontier models). It is admitted only if
 all four counters (key requests, key tokens, tenant requests, tenant tokens) have room, and only then
 charged to them, so a refused request costs nothing. Windows are the ``limits`` library's sliding-window
 counters: in memory by default, in Redis when several gateways must share them. Every answer carries
@@ -51,6 +52,12 @@ def reset_text(seconds: float) -> str:
     return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
+def choices(payload: dict[str, Any]) -> int:
+    """How many completions the request asks for (``n``, checked by the route)."""
+    n = payload.get("n")
+    return n if isinstance(n, int) and n > 1 else 1
+
+
 class RateLimiter:
     """Admits or refuses each request against its key's and tenant's per-minute limits."""
 
@@ -89,7 +96,8 @@ class RateLimiter:
                 checks.append(_Check(f"{scope}_requests", "requests", item, f"{scope}:{who}:requests", 1))
             if given.tokens_per_min is not None:
                 if tokens is None:  # tokenizing costs time: only when a token limit applies
-                    tokens = await self._meter.count(payload, frontier=frontier) + completion_budget(payload)
+                    prompt = await self._meter.count(payload, frontier=frontier)
+                    tokens = prompt + choices(payload) * completion_budget(payload)
                 item = RateLimitItemPerMinute(given.tokens_per_min)
                 checks.append(_Check(f"{scope}_tokens", "tokens", item, f"{scope}:{who}:tokens", tokens))
         if not checks:

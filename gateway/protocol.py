@@ -6,14 +6,24 @@ through to vLLM untouched (``extra="allow"``), and vLLM's own validation errors 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, QuiverError
+
+
+def error_response(exc: QuiverError) -> JSONResponse:
+    """The one place a QuiverError becomes an HTTP answer: the OpenAI error body, its status and headers."""
+    headers = dict(exc.headers)
+    if exc.retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
 
 def invalid_request(errors: Sequence[Any]) -> InvalidRequest:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated, Any
 
@@ -15,6 +14,7 @@ from access.keys import INFERENCE
 from adapters import AdapterVersion, Catalog
 from core.errors import InvalidRequest, ModelNotFound
 from gateway.auth import OPEN, Principal, requires
+from gateway.bodies import load_json
 from gateway.deps import Gateway, GatewayDep, gateway_of
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, invalid_request
 
@@ -26,10 +26,7 @@ _CARDS = TypeAdapter(list[ModelCard])
 
 def parse_body(raw: bytes, model: type[BaseModel]) -> tuple[dict[str, Any], BaseModel]:
     """Decode and check a JSON body; every problem is a 400 naming the parameter."""
-    try:
-        payload = json.loads(raw)
-    except ValueError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    payload = load_json(raw)
     if not isinstance(payload, dict):
         raise InvalidRequest("request body must be a JSON object")
     try:
@@ -49,7 +46,7 @@ async def chat_completions(request: Request) -> Response:
     principal = gateway.auth.authenticate(request, _INFERENCE)
     payload, parsed = parse_body(await request.body(), ChatCompletionRequest)
     assert isinstance(parsed, ChatCompletionRequest)
-    return await _generate(gateway, principal, request, "/v1/chat/completions", payload, parsed.stream)
+    return await _generate(gateway, principal, request, "/v1/chat/completions", payload, parsed)
 
 
 @router.post("/v1/completions")
@@ -59,16 +56,25 @@ async def completions(request: Request) -> Response:
     principal = gateway.auth.authenticate(request, _INFERENCE)
     payload, parsed = parse_body(await request.body(), CompletionRequest)
     assert isinstance(parsed, CompletionRequest)
-    return await _generate(gateway, principal, request, "/v1/completions", payload, parsed.stream)
+    return await _generate(gateway, principal, request, "/v1/completions", payload, parsed)
 
 
 async def _generate(
-    gateway: Gateway, principal: Principal, request: Request, endpoint: str, payload: dict[str, Any], stream: bool
+    gateway: Gateway,
+    principal: Principal,
+    request: Request,
+    endpoint: str,
+    payload: dict[str, Any],
+    parsed: ChatCompletionRequest | CompletionRequest,
 ) -> Response:
     """Admit the request against its key's and tenant's limits, then answer it with their headers."""
+    max_n = gateway.settings.max_n
+    if parsed.n is not None and parsed.n > max_n:
+        # Each choice is a generation of its own: n is a multiplier on everything vLLM does for the request.
+        raise InvalidRequest(f"n: at most {max_n} choices per request, got {parsed.n}", param="n")
     frontier = gateway.router.policy.frontier_for_model(str(payload["model"])) is not None
     limits = await gateway.limiter.admit(principal, payload, frontier=frontier)
-    response = await gateway.proxy.generate(endpoint, payload, stream, request.headers, principal)
+    response = await gateway.proxy.generate(endpoint, payload, parsed.stream, request.headers, principal)
     response.headers.update(limits)
     return response
 

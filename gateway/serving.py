@@ -49,6 +49,8 @@ REPLICA = "x-quiver-replica"
 SOURCES = "x-quiver-sources"
 _USAGE_KEY = b'"usage"'
 _DECODER = json.JSONDecoder()
+# The parameters that reserve completion tokens, in the order the upstream reads them (tokens.completion_budget).
+_BUDGETS = ("max_completion_tokens", "max_tokens")
 # Bytes of a stream's tail kept to find the final usage chunk.
 _TAIL_BYTES = 4096
 
@@ -205,16 +207,9 @@ class Proxy:
         principal: Principal,
     ) -> Response:
         context = target.context_tokens
-        if not await self.meter.fits(payload, context, frontier=isinstance(target, OnFrontier)):
-            raise _TargetFailed(
-                "context_length",
-                InvalidRequest(
-                    f"the prompt plus max_tokens does not fit the {context}-token context of any target that "
-                    f"could answer '{plan.model}'",
-                    param="messages",
-                    code="context_length_exceeded",
-                ),
-            )
+        frontier = isinstance(target, OnFrontier)
+        if context is not None and not await self.meter.fits(payload, context, frontier=frontier):
+            raise _TargetFailed("context_length", await self._too_long(payload, context, plan.model, frontier))
         sources: list[dict[str, Any]] | None = None
         if isinstance(target, RagOnReplica):
             assert self.rag is not None  # the router only plans RAG targets when there are collections
@@ -269,6 +264,19 @@ class Proxy:
             headers=headers | {"cache-control": "no-cache", "x-accel-buffering": "no"},
             media_type="text/event-stream",
         )
+
+    async def _too_long(self, payload: dict[str, Any], context: int, model: str, frontier: bool) -> InvalidRequest:
+        """The 400 for a request over ``context``: it names the completion budget when the prompt alone fits."""
+        budget = next((k for k in _BUDGETS if payload.get(k)), "max_tokens")
+        prompt_only = {k: v for k, v in payload.items() if k not in _BUDGETS}
+        if await self.meter.fits(prompt_only, context, frontier=frontier):
+            message = f"{budget} {payload[budget]} plus the prompt is more than the {context}-token context"
+            param = budget
+        else:
+            message = f"the prompt does not fit the {context}-token context"
+            param = "messages" if "messages" in payload else "prompt"
+        message += f" of any target that could answer '{model}'"
+        return InvalidRequest(message, param=param, code="context_length_exceeded")
 
     async def _open(self, target: Target, endpoint: str, body: bytes, held: AsyncExitStack) -> httpx.Response:
         member = target.member

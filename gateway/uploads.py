@@ -1,14 +1,17 @@
-"""Multipart uploads with a size limit: refused from the declared length before parsing, enforced while copying."""
+"""Multipart uploads with a size limit: refused from the declared length before parsing, enforced while copying;
+and a bound on how many are handled at once."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
-from core.errors import LengthRequired, PayloadTooLarge
+from core.errors import LengthRequired, PayloadTooLarge, Unavailable
 
 # Multipart boundaries and the small form fields on top of the file itself.
 FORM_OVERHEAD = 64 * 1024
@@ -40,3 +43,28 @@ def spool(upload: UploadFile, target: Path, limit: int) -> Path:
                 raise PayloadTooLarge(f"upload is larger than the {limit}-byte limit", param="file")
             out.write(chunk)
     return target
+
+
+class UploadSlots:
+    """At most ``size`` uploads handled at once: each spools to disk, extracts and hashes. One more is refused
+    with 503 and Retry-After rather than queued, so that waiting uploads hold no connection and no disk."""
+
+    def __init__(self, size: int, *, retry_after: float = 5.0) -> None:
+        self.size = size
+        self.retry_after = retry_after
+        self.busy = 0
+
+    @asynccontextmanager
+    async def hold(self, what: str) -> AsyncIterator[None]:
+        """One slot for the duration of the block; Unavailable (503 ``uploads_busy``) when none is free."""
+        if self.busy >= self.size:
+            raise Unavailable(
+                f"{self.size} {what} are being handled, the most at once; retry shortly",
+                retry_after=self.retry_after,
+                code="uploads_busy",
+            )
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1

@@ -6,6 +6,7 @@ below and integration tests the real base model. Bad variants copy a good adapte
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import shutil
@@ -194,9 +195,11 @@ def with_rank(good: Path, out: Path, rank: int = 64) -> Path:
     """Consistent config and tensors at ``rank`` (above the test servers' maximum by default)."""
 
     def resize(tensors: dict[str, torch.Tensor]) -> None:
+        # Random values, as trained weights have: constant ones would compress like a decompression bomb.
+        draw = torch.Generator().manual_seed(0)
         for key, tensor in tensors.items():
             shape = (rank, tensor.shape[1]) if ".lora_A." in key else (tensor.shape[0], rank)
-            tensors[key] = torch.full(shape, 0.01, dtype=tensor.dtype)
+            tensors[key] = (0.01 * torch.randn(shape, generator=draw)).to(tensor.dtype)
 
     adapter = edit_weights(copy_adapter(good, out), resize)
     return edit_config(adapter, r=rank, rank_pattern={})
@@ -329,6 +332,26 @@ def zip_bomb(out: Path, size: int) -> Path:
             chunk = bytes(1024 * 1024)
             for start in range(0, size, len(chunk)):
                 member.write(chunk[: size - start])
+    return out
+
+
+def tar_bomb(out: Path, size: int, *, name: str = "adapter/adapter_model.safetensors", head: bytes = b"") -> Path:
+    """A tar.gz with one member of ``size`` bytes, ``head`` then zeros: a few MB for gigabytes.
+
+    Built from concatenated gzip members (valid gzip, as the format allows), so a gigabyte costs one
+    compressed block repeated instead of a gigabyte compressed.
+    """
+    info = tarfile.TarInfo(name)
+    info.size = size
+    block = 16 * 1024 * 1024
+    zeros = gzip.compress(bytes(block))
+    body = size - len(head)
+    padding = -size % tarfile.BLOCKSIZE
+    with out.open("wb") as f:
+        f.write(gzip.compress(info.tobuf(tarfile.GNU_FORMAT) + head))
+        for _ in range(body // block):
+            f.write(zeros)
+        f.write(gzip.compress(bytes(body % block + padding + 2 * tarfile.BLOCKSIZE)))
     return out
 
 

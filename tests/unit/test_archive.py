@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,10 +11,19 @@ import pytest
 
 from adapters import UploadLimits
 from adapters.archive import extract_archive
-from core.errors import InvalidArchive, PayloadTooLarge
+from core.errors import InvalidAdapter, InvalidArchive, PayloadTooLarge
 from tests import factories as f
 
-FILES = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": b"\x00" * 300, "README.md": b"# hi"}
+
+def safetensors_of(size: int) -> bytes:
+    """A well-formed safetensors file of exactly ``size`` bytes: one uint8 tensor after a space-padded header."""
+    length = 96
+    data = size - 8 - length
+    header = f'{{"t":{{"dtype":"U8","shape":[{data}],"data_offsets":[0,{data}]}}}}'.encode()
+    return length.to_bytes(8, "little") + header.ljust(length) + bytes(data)
+
+
+FILES = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": safetensors_of(300), "README.md": b"# hi"}
 
 
 @pytest.fixture
@@ -189,3 +200,70 @@ def test_target_must_be_empty(source: Path, dest: Path, tmp_path: Path) -> None:
     (dest / "stale").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         extract_archive(f.tar_of(source, tmp_path / "a.tgz"), dest, UploadLimits())
+
+
+GiB = 1024**3
+
+
+def written(directory: Path) -> int:
+    return sum(len(v) for v in contents(directory).values())
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+def test_a_decompression_bomb_is_refused_after_a_few_megabytes(kind: str, dest: Path, tmp_path: Path) -> None:
+    # 3 GiB of zeros in about 3 MB (a 64 MiB zip, to keep building it cheap) cost 6-11 s of CPU before.
+    if kind == "zip":
+        bomb = f.zip_with(tmp_path / "bomb.zip", {"adapter/README.md": bytes(64 * 1024 * 1024)})
+    else:
+        bomb = f.tar_bomb(tmp_path / "bomb.tgz", 3 * GiB, name="adapter/README.md")
+    assert bomb.stat().st_size < 4 * 1024 * 1024
+    started = time.process_time()
+    with pytest.raises(InvalidArchive, match=r"archive member 'adapter/README.md' inflates more than 20x") as caught:
+        extract_archive(bomb, dest, UploadLimits())
+    assert time.process_time() - started < 0.5
+    assert caught.value.status_code == 400
+    assert written(dest) <= 2 * 1024 * 1024
+
+
+def test_a_safetensors_member_with_a_bad_header_is_refused_before_its_body_is_written(
+    dest: Path, tmp_path: Path
+) -> None:
+    bomb = f.tar_bomb(tmp_path / "zeros.tgz", 3 * GiB)  # adapter/adapter_model.safetensors of zeros
+    started = time.process_time()
+    with pytest.raises(InvalidAdapter, match="its header length 0 does not fit") as caught:
+        extract_archive(bomb, dest, UploadLimits())
+    assert time.process_time() - started < 0.5
+    assert caught.value.status_code == 422
+    assert written(dest) == 0
+
+
+def test_a_safetensors_header_must_account_for_every_byte_after_it(dest: Path, tmp_path: Path) -> None:
+    # A well-formed header for 196 bytes of tensors, then gigabytes that no tensor claims.
+    head = safetensors_of(300)[:104]
+    bomb = f.tar_bomb(tmp_path / "padded.tgz", 3 * GiB, head=head)
+    with pytest.raises(InvalidAdapter, match=r"its tensors take 196 bytes, but \d+ follow the header"):
+        extract_archive(bomb, dest, UploadLimits())
+    assert written(dest) == 0
+
+
+@pytest.mark.parametrize(
+    ("header", "fragment"),
+    [(b"not json", "its header is not JSON"), (b"[1]", "not a JSON object"), (b'{"t": {}}', "no data_offsets")],
+)
+def test_a_safetensors_header_must_be_a_json_object_of_tensors(
+    header: bytes, fragment: str, dest: Path, tmp_path: Path
+) -> None:
+    data = len(header).to_bytes(8, "little") + header
+    archive = f.tar_with(tmp_path / "a.tgz", {"adapter/adapter_model.safetensors": data})
+    with pytest.raises(InvalidAdapter, match=fragment):
+        extract_archive(archive, dest, UploadLimits())
+
+
+def test_weights_that_compress_like_real_ones_extract(dest: Path, tmp_path: Path) -> None:
+    # Random values with the B half all zeros, as a LoRA is before training: about 2x, well under the bound.
+    weights = safetensors_of(16 * 1024 * 1024)
+    half = len(weights) // 2
+    weights = weights[:104] + os.urandom(half - 104) + bytes(len(weights) - half)
+    archive = f.tar_with(tmp_path / "a.tgz", {"adapter/adapter_model.safetensors": weights})
+    extract_archive(archive, dest, UploadLimits())
+    assert contents(dest) == {"adapter_model.safetensors": weights}

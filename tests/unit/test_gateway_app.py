@@ -204,3 +204,58 @@ async def test_models_list_and_cards_follow_every_registry_change(tmp_path: Path
             assert one | {"created": 0} == card | {"created": 0}  # the base's `created` is the time of asking
         missing = await client.get("/v1/models/a@v3")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+async def test_n_is_capped_per_request(tmp_path: Path) -> None:
+    fake = RestartingVllm()
+    app = create_app(_settings(tmp_path, max_n=4), transport=httpx.MockTransport(fake))
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async for client in _client(app):
+        for endpoint, body in (("/v1/chat/completions", chat), ("/v1/completions", {"model": "m", "prompt": "hi"})):
+            refused = await client.post(endpoint, json=body | {"n": 1000})
+            assert refused.status_code == 400
+            assert refused.json()["error"] == {
+                "message": "n: at most 4 choices per request, got 1000",
+                "type": "invalid_request_error",
+                "param": "n",
+                "code": "invalid_request",
+            }
+            assert (await client.post(endpoint, json=body | {"n": 4})).status_code == 200
+
+
+class ShortContextVllm(RestartingVllm):
+    """Serves a 2,048-token context, as vLLM's /v1/models reports it."""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m", "root": "/m", "max_model_len": 2048}]})
+        return super().__call__(request)
+
+
+async def test_a_request_over_the_context_names_max_tokens_when_the_prompt_alone_fits(
+    tmp_path: Path, base_model_dir: Path
+) -> None:
+    app = create_app(
+        _settings(tmp_path, base_model_path=base_model_dir), transport=httpx.MockTransport(ShortContextVllm())
+    )
+    short = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    long = {"model": "m", "messages": [{"role": "user", "content": "word " * 1500}]}  # about 1,500 tokens
+    async for client in _client(app):
+        cases = [
+            (short | {"max_tokens": 100_000_000}, "max_tokens"),
+            (short | {"max_completion_tokens": 100_000_000}, "max_completion_tokens"),
+            (long | {"max_tokens": 1000}, "max_tokens"),
+            (long | {"messages": [{"role": "user", "content": "word " * 3000}], "max_tokens": 8}, "messages"),
+        ]
+        for body, param in cases:
+            refused = await client.post("/v1/chat/completions", json=body)
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert (error["param"], error["code"]) == (param, "context_length_exceeded")
+            assert "2048-token context of any target that could answer 'm'" in error["message"]
+        assert (
+            "max_tokens 100000000 plus the prompt" in (await client.post("/v1/chat/completions", json=cases[0][0])).text
+        )
+        prompt = await client.post("/v1/completions", json={"model": "m", "prompt": "word " * 3000, "max_tokens": 8})
+        assert prompt.json()["error"]["param"] == "prompt"
+        assert (await client.post("/v1/chat/completions", json=long | {"max_tokens": 500})).status_code == 200

@@ -10,6 +10,8 @@ import openai
 import pytest
 
 from access.keys import INFERENCE
+from access.store import KeyStore
+from adapters.db import Database
 from core.errors import RateLimited
 from gateway import create_app
 from gateway.auth import Limits, Principal
@@ -122,3 +124,19 @@ async def test_token_limits_count_the_prompt_with_the_models_tokenizer_or_tiktok
         headers = await limiter.admit(principal, payload, frontier=on_frontier)
         assert headers["x-ratelimit-remaining-tokens"] == str(1000 - prompt_tokens - 50)
     await limiter.aclose()
+
+
+async def test_each_of_n_choices_is_charged_its_max_tokens(tmp_path: Path) -> None:
+    app = create_app(_settings(tmp_path), transport=httpx.MockTransport(RestartingVllm()))
+    async for client in _client(app):
+        database = Database.open(app.state.gateway.settings.registry_url)  # beside the app, as `quiver keys` writes
+        try:
+            token = KeyStore(database).create_key("acme", [INFERENCE], tokens_per_min=1000).token
+        finally:
+            database.close()
+        await app.state.gateway.registry.refresh()
+        body = CHAT | {"model": "m", "max_tokens": 50, "n": 4}  # prompt bound 66 + 4 x 50 = 266 tokens
+        ok = await client.post("/v1/chat/completions", json=body, headers=_auth(token))
+        assert ok.status_code == 200 and ok.headers["x-ratelimit-remaining-tokens"] == str(1000 - 266)
+        many = await client.post("/v1/chat/completions", json=body | {"n": 16, "max_tokens": 60}, headers=_auth(token))
+        assert many.status_code == 429 and "needs 1026 tokens" in many.json()["error"]["message"]
