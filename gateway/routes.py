@@ -86,9 +86,9 @@ def _base_name(gateway: Gateway) -> str:
 def _base_cards(gateway: Gateway) -> list[ModelCard]:
     """The base under each of its names, then ``rag:COLLECTION`` (the base answering from a collection)."""
     base = _base_name(gateway)
-    root = str(gateway.settings.base_model_path or gateway.replica.model_root or base)
     now = int(time.time())
-    cards = [ModelCard(id=name, created=now, owned_by="quiver", root=root) for name in gateway.router.base_names()]
+    # The served model's name, never the server's path to its files: clients see no file system.
+    cards = [ModelCard(id=name, created=now, owned_by="quiver", root=base) for name in gateway.router.base_names()]
     rag = (f"rag:{c}" for c in gateway.rag.names())
     return cards + [ModelCard(id=name, created=now, owned_by="quiver", root=name, parent=base) for name in rag]
 

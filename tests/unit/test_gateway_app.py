@@ -199,6 +199,7 @@ async def test_models_list_and_cards_follow_every_registry_change(tmp_path: Path
         assert set(cards) == {"m", "base", "a", "a@v1", "a@v2", "a@staging"}
         assert cards["a@staging"] == {**cards["a@v1"], "id": "a@staging"}
         assert cards["a"]["root"] == "a@v2" and cards["a"]["parent"] == "m" and cards["m"]["parent"] is None
+        assert cards["m"]["root"] == cards["base"]["root"] == "m"  # the name, not the vLLM's path ("/m")
         for model_id, card in cards.items():
             one = (await client.get(f"/v1/models/{model_id}")).json()
             assert one | {"created": 0} == card | {"created": 0}  # the base's `created` is the time of asking
