@@ -207,9 +207,9 @@ class Proxy:
         principal: Principal,
     ) -> Response:
         context = target.context_tokens
-        frontier = isinstance(target, OnFrontier)
-        if context is not None and not await self.meter.fits(payload, context, frontier=frontier):
-            raise _TargetFailed("context_length", await self._too_long(payload, context, plan.model, frontier))
+        overflow = await self.meter.overflow(payload, context, frontier=isinstance(target, OnFrontier))
+        if context is not None and overflow is not None:
+            raise _TargetFailed("context_length", _too_long(payload, context, plan.model, overflow))
         sources: list[dict[str, Any]] | None = None
         if isinstance(target, RagOnReplica):
             assert self.rag is not None  # the router only plans RAG targets when there are collections
@@ -264,19 +264,6 @@ class Proxy:
             headers=headers | {"cache-control": "no-cache", "x-accel-buffering": "no"},
             media_type="text/event-stream",
         )
-
-    async def _too_long(self, payload: dict[str, Any], context: int, model: str, frontier: bool) -> InvalidRequest:
-        """The 400 for a request over ``context``: it names the completion budget when the prompt alone fits."""
-        budget = next((k for k in _BUDGETS if payload.get(k)), "max_tokens")
-        prompt_only = {k: v for k, v in payload.items() if k not in _BUDGETS}
-        if await self.meter.fits(prompt_only, context, frontier=frontier):
-            message = f"{budget} {payload[budget]} plus the prompt is more than the {context}-token context"
-            param = budget
-        else:
-            message = f"the prompt does not fit the {context}-token context"
-            param = "messages" if "messages" in payload else "prompt"
-        message += f" of any target that could answer '{model}'"
-        return InvalidRequest(message, param=param, code="context_length_exceeded")
 
     async def _open(self, target: Target, endpoint: str, body: bytes, held: AsyncExitStack) -> httpx.Response:
         member = target.member
@@ -379,3 +366,16 @@ def _with_sources(content: bytes, sources: list[dict[str, Any]]) -> bytes:
         return content
     answer["sources"] = sources
     return json.dumps(answer, separators=(",", ":")).encode()
+
+
+def _too_long(payload: dict[str, Any], context: int, model: str, overflow: str) -> InvalidRequest:
+    """The 400 for a request over ``context``: it names the completion budget when the prompt alone fits."""
+    if overflow == "completion":
+        budget = next((k for k in _BUDGETS if payload.get(k)), "max_tokens")
+        message = f"{budget} {payload.get(budget)} plus the prompt is more than the {context}-token context"
+        param = budget
+    else:
+        message = f"the prompt does not fit the {context}-token context"
+        param = "messages" if "messages" in payload else "prompt"
+    message += f" of any target that could answer '{model}'"
+    return InvalidRequest(message, param=param, code="context_length_exceeded")

@@ -16,7 +16,7 @@ import logging
 import threading
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio.to_thread
 
@@ -66,14 +66,24 @@ class PromptMeter:
 
     async def fits(self, payload: dict[str, Any], context_tokens: int | None, *, frontier: bool) -> bool:
         """Whether prompt plus completion budget fit ``context_tokens`` (None: unknown, assumed to fit)."""
+        return await self.overflow(payload, context_tokens, frontier=frontier) is None
+
+    async def overflow(
+        self, payload: dict[str, Any], context_tokens: int | None, *, frontier: bool
+    ) -> Literal["prompt", "completion"] | None:
+        """What does not fit ``context_tokens``: None when prompt plus completion budget fit (or the context is
+        unknown), ``"prompt"`` when the prompt alone does not, else ``"completion"``. Tokenizes at most once."""
         if context_tokens is None:
-            return True
+            return None
         room = context_tokens - completion_budget(payload)
         if self.bound(payload) <= room:
-            return True
+            return None
         count = self._count_frontier if frontier else self._count_base
-        tokens = await anyio.to_thread.run_sync(count, payload, room)
-        return tokens is None or tokens <= room
+        # The ceiling is the whole context: above it the prompt alone is too long, whatever the exact count.
+        tokens = await anyio.to_thread.run_sync(count, payload, context_tokens)
+        if tokens is None or tokens <= room:
+            return None
+        return "prompt" if tokens > context_tokens else "completion"
 
     async def count(self, payload: dict[str, Any], *, frontier: bool) -> int:
         """The prompt's tokens: tiktoken for frontier models, else the base model's tokenizer (the byte bound
