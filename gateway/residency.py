@@ -62,6 +62,11 @@ class Residency:
         lock = self._locks.get(name)
         return name in self._resident or (lock is not None and lock.locked())
 
+    def in_flight(self, name: str) -> int:
+        """How many requests are being served on ``name`` now (0 when it is not loaded)."""
+        resident = self._resident.get(name)
+        return 0 if resident is None else resident.in_flight
+
     def has_room(self) -> bool:
         """Whether one more version can be loaded now without waiting for requests to finish."""
         if len(self._resident) + self._reserved < self.capacity:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -103,7 +104,7 @@ def test_lru_unloads_least_recently_used_beyond_the_bound(
     assert gateway.metric("quiver_adapter_loads_total", adapter=f"{names[0]}@v1", outcome="ok") == 2
 
 
-def test_request_in_flight_finishes_on_its_version_when_the_alias_moves(
+def test_request_in_flight_keeps_its_version_when_the_alias_moves(
     gateway: GatewayServer, lora_dirs: tuple[Path, ...], unique_name: str
 ) -> None:
     name, other = unique_name, f"{unique_name}-other"
@@ -111,31 +112,39 @@ def test_request_in_flight_finishes_on_its_version_when_the_alias_moves(
     push(gateway.url, name, lora_dirs[1])
     push(gateway.url, other, lora_dirs[2])
     httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 1, "force": True})
-    # Long enough (ignore_eos) that the stream is still generating while the other requests load and evict;
-    # a short answer can finish server-side, into the socket buffers, before the client reads its first line.
-    body = {"model": name, "messages": QUESTION, "max_tokens": 128, "ignore_eos": True, "temperature": 0, "seed": 0}
-    answer = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
-    expected = answer.json()["choices"][0]["message"]["content"]
+    expected, _ = greedy(gateway.url, name, max_tokens=32)
+    residency = gateway.gateway.residency
 
-    body["stream"] = True
-    pieces: list[str] = []
-    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=120) as response:
+    # A stream far longer than the checks below take on any machine (ignore_eos: it runs to max_tokens), cut off
+    # by the client once they are made. A short one can finish server-side, into the socket buffers, while the
+    # client still reads its first lines, and then v1 is rightly evictable.
+    body = {"model": name, "messages": QUESTION, "max_tokens": 1500, "ignore_eos": True, "temperature": 0, "seed": 0}
+    text = ""
+    with httpx.stream(
+        "POST", f"{gateway.url}/v1/chat/completions", json={**body, "stream": True}, timeout=120
+    ) as response:
         assert response.headers["x-quiver-served-by"] == f"{name}@v1"
         lines = response.iter_lines()
-        first = next(line for line in lines if line.startswith("data: {"))
+        for line in lines:
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:])["choices"]
+                text += (choices[0]["delta"].get("content") or "") if choices else ""
+            if len(text) > len(expected):
+                break
+        assert text.startswith(expected)
         # Mid-stream: move the alias, and use two other adapters so the LRU (2 slots) must evict.
         moved = httpx.put(f"{gateway.url}/v1/adapters/{name}/aliases/prod", json={"version": 2, "force": True})
         assert moved.status_code == 200
         assert greedy(gateway.url, name, max_tokens=1)[1]["x-quiver-served-by"] == f"{name}@v2"
         # v1 is the least recently used, but in use: the LRU must evict v2 instead.
         assert greedy(gateway.url, other, max_tokens=1)[1]["x-quiver-served-by"] == f"{other}@v1"
-        assert gateway.gateway.residency.loaded == [f"{name}@v1", f"{other}@v1"]
-        for line in [first, *lines]:
-            if line.startswith("data: {"):
-                choices = json.loads(line[6:])["choices"]
-                if choices and choices[0]["delta"].get("content"):
-                    pieces.append(choices[0]["delta"]["content"])
-    assert "".join(pieces) == expected
-    # With the stream done, v1 is evictable again.
+        assert residency.in_flight(f"{name}@v1") == 1, "the stream ended before the checks: raise max_tokens"
+        assert residency.loaded == [f"{name}@v1", f"{other}@v1"]
+
+    # The client went away: the gateway lets go of v1 (and vLLM stops generating), so v1 is evictable again.
+    deadline = time.monotonic() + 30
+    while residency.in_flight(f"{name}@v1") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert residency.in_flight(f"{name}@v1") == 0
     assert greedy(gateway.url, name, max_tokens=1)[1]["x-quiver-served-by"] == f"{name}@v2"
-    assert gateway.gateway.residency.loaded == [f"{other}@v1", f"{name}@v2"]
+    assert residency.loaded == [f"{other}@v1", f"{name}@v2"]
