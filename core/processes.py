@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from core import threads
 from core.errors import ProcessFailed
 
 _PR_SET_PDEATHSIG = 1
@@ -157,7 +158,8 @@ def start(
     append: bool = True,
 ) -> ChildProcess:
     """Launch ``args`` in a process group of its own, stdout and stderr to ``log_path`` (appended to, unless not
-    ``append``), stdin empty; ``env`` is set on top of this process's environment.
+    ``append``), stdin empty; ``env`` is set on top of this process's environment, less the thread caps a gateway
+    process set for itself (``core.threads``).
 
     Unless ``detach``, the process gets SIGTERM when the one that started it dies (even by SIGKILL), so no server
     outlives its supervisor; a detached one outlives it (a merged deployment outlives the CLI).
@@ -168,7 +170,7 @@ def start(
     with log_path.open("ab" if append else "wb") as log:
         popen = subprocess.Popen(
             list(args),
-            env=None if env is None else {**os.environ, **env},
+            env=threads.uncapped({**os.environ, **(env or {})}),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from core.errors import InvalidRequest
-from quiver.context import console, err, fail
+from quiver.context import console, err, fail, needs
 
 
 class Benchmark(StrEnum):
@@ -41,6 +41,7 @@ def bench(
     """Every serving comparison side by side in one run: gateway vs vLLM direct, adapters vs base, churn, cold
     start, naive transformers + PEFT, merged vs unmerged, registry scale, gateway memory. `--only training` and
     `--only routing` (affinity vs round-robin over two replicas) add the training and placement comparisons."""
+    needs("quiver bench", "ml", "training", "bench", "vllm")
     from core import embedded
     from core.vllm_server import has_cuda
     from loadtest import suite

@@ -66,6 +66,19 @@ def open_database() -> Database:
     return stores.open_database(Settings())
 
 
+def needs(what: str, *extras: str) -> None:
+    """Exit naming the extras to install when this install lacks any of them (``vllm``: either vLLM build);
+    ``what`` (the command) needs them."""
+    from core import extras as installed
+
+    try:
+        installed.require(what, *(e for e in extras if e != "vllm"))
+        if "vllm" in extras:
+            installed.require_vllm(what)
+    except QuiverError as exc:
+        fail(exc)
+
+
 def fail(exc: QuiverError) -> NoReturn:
     """Print the error as the commands do and exit with status 1."""
     err.print(f"[red]error[/] ({exc.code}): {exc.message}")

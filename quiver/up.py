@@ -14,7 +14,7 @@ import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
 
-from core import embedded
+from core import embedded, extras
 from core.errors import QuiverError
 from core.processes import port_in_use
 from core.vllm_server import VllmServer
@@ -142,7 +142,11 @@ def run(
                     raise UpFailed(f"could not ask vLLM at {first} what it serves: {exc!r}") from None
             base_path = Path(root) if root and (Path(root) / "config.json").is_file() else None
         else:
-            model_path = model or str(embedded.prepare(console=console))
+            try:
+                extras.require_vllm("`quiver up` without --vllm-url (it starts vLLM)")
+                model_path = model or str(embedded.prepare(console=console))
+            except QuiverError as exc:  # a gateway-only install: no vLLM, nor the ML stack to convert the model
+                raise UpFailed(exc.message) from None
             base = embedded.SERVED_NAME if model is None else _served_name(model_path)
             base_path = Path(model_path) if (Path(model_path) / "config.json").is_file() else None
             server = VllmServer(
