@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from core.errors import QuiverError
 
@@ -81,5 +82,5 @@ def needs(what: str, *extras: str) -> None:
 
 def fail(exc: QuiverError) -> NoReturn:
     """Print the error as the commands do and exit with status 1."""
-    err.print(f"[red]error[/] ({exc.code}): {exc.message}")
+    err.print(f"[red]error[/] ({exc.code}): {escape(exc.message)}")  # a message's [brackets] are not markup
     raise typer.Exit(1)

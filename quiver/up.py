@@ -13,6 +13,7 @@ import httpx
 import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from core import embedded, extras
 from core.errors import QuiverError
@@ -170,7 +171,7 @@ def run(
     except KeyboardInterrupt:
         return 0
     except UpFailed as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")
         return 1
     finally:
         if server is not None:
