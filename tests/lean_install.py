@@ -40,9 +40,11 @@ class LeanInstall:
         return self.site / "bin" / "quiver"
 
     def environment(self, **settings: str) -> dict[str, str]:
-        """This process's environment for a command of the install: its code first, none of this checkout's."""
+        """This process's environment for a command of the install: its code first, none of this checkout's, and
+        none of this process's ``QUIVER_*`` settings but the cache (where the full install prepared the model)."""
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("QUIVER_")}
-        return {**env, "PYTHONPATH": str(self.site), **settings}
+        cache = {"QUIVER_CACHE_DIR": str(embedded.cache_root())}
+        return {**env, **cache, "PYTHONPATH": str(self.site), **settings}
 
 
 def _pip(python: Path, *args: str, cache: Path) -> None:

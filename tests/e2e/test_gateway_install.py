@@ -1,14 +1,17 @@
 """The gateway-only install: a venv with the base dependencies alone serves through ``quiver up --vllm-url``.
 
 No torch there: the gateway in front of an instant OpenAI-shaped upstream lists models, answers a chat completion,
-validates and serves an uploaded adapter, and refuses a fine-tuning job naming the extra it lacks; the commands
-that need the ML stack say which extra, without a traceback.
+validates and serves an uploaded adapter, routes ``auto`` and answers from a RAG collection (its embedder runs on
+what the gateway install has), and refuses a fine-tuning job naming the extra it lacks; the commands that need the
+ML stack say which extra, without a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -21,15 +24,20 @@ from core import processes
 from core.processes import free_port
 from loadtest import instant_upstream
 from tests.integration.openai_helpers import error_of, push
+from tests.integration.test_rag_path import HANDBOOK
 from tests.lean_install import LeanInstall, install
+from tests.servers import wait_until
 
 pytestmark = pytest.mark.slow
 
 
 @dataclass(frozen=True)
 class LeanGateway:
+    """The lean install's gateway process: its URL, process id and data dir."""
+
     url: str
     pid: int
+    data_dir: Path
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +59,11 @@ def lean_gateway(
         command = [str(lean.quiver), "up", "--vllm-url", upstream, "--port", str(port)]
         gateway = stack.enter_context(processes.serving("the lean gateway", command, work / "up.log", f"{url}/health",
                                                         env=env, timeout_s=120))  # fmt: skip
-        yield LeanGateway(url, gateway.pid)
+        yield LeanGateway(url, gateway.pid, work / "data")
 
 
 def run(lean: LeanInstall, args: list[str], **settings: str) -> subprocess.CompletedProcess[str]:
+    """A command of the lean install, with these ``QUIVER_*`` settings."""
     env = lean.environment(**settings)
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, cwd=lean.site)
 
@@ -97,6 +106,42 @@ def test_the_lean_gateway_validates_and_serves_an_adapter(
     answer = httpx.post(f"{lean_gateway.url}/v1/chat/completions", json=question, timeout=30)
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-quiver-served-by"] == "lean@v1"
+
+
+def test_the_lean_gateway_routes_auto(lean_gateway: LeanGateway, lora_dirs: tuple[Path, ...]) -> None:
+    """The embedder runs in the gateway-only install (from the export `quiver model prepare` made)."""
+    for name, directory, description in (
+        ("lean-recipes", lora_dirs[1], "Cooking recipes and kitchen questions"),
+        ("lean-invoices", lora_dirs[2], "Billing, invoices and refunds"),
+    ):
+        assert push(lean_gateway.url, name, directory).status_code == 201
+        patched = httpx.patch(f"{lean_gateway.url}/v1/adapters/{name}", json={"description": description})
+        assert patched.status_code == 200, patched.text
+    question = [{"role": "user", "content": "How long should I boil rice?"}]
+    auto = httpx.post(f"{lean_gateway.url}/v1/chat/completions", json={"model": "auto", "messages": question})
+    assert auto.status_code == 200, auto.text
+    assert auto.headers["x-quiver-served-by"] == "lean-recipes@v1"
+
+
+def test_the_lean_gateway_answers_from_a_rag_collection(lean_gateway: LeanGateway, tmp_path: Path) -> None:
+    files = []
+    for name, text in HANDBOOK.items():
+        (tmp_path / name).write_text(text)
+        files.append(str(tmp_path / name))
+    # Ingested by the full install's CLI into the lean gateway's data dir; the gateway embeds the questions.
+    ingest = [sys.executable, "-m", "quiver.cli", "rag", "ingest", "handbook", *files]
+    done = subprocess.run(ingest, env=dict(os.environ, QUIVER_DATA_DIR=str(lean_gateway.data_dir)),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    wait_until(
+        lambda: "rag:handbook" in {m["id"] for m in httpx.get(f"{lean_gateway.url}/v1/models").json()["data"]},
+        timeout_s=30,
+        what="the lean gateway to list the collection",
+    )
+    question = [{"role": "user", "content": "How do I reset my Nimbus router?"}]
+    rag = httpx.post(f"{lean_gateway.url}/v1/chat/completions", json={"model": "rag:handbook", "messages": question})
+    assert rag.status_code == 200, rag.text
+    assert json.loads(rag.headers["x-quiver-sources"])[0]["source"] == "router.md"
 
 
 def test_the_lean_gateway_refuses_fine_tuning_naming_the_extra(lean_gateway: LeanGateway) -> None:
