@@ -137,7 +137,7 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None,
             "no API keys configured: the gateway is open, to clients on loopback only; create a key with "
             "`quiver keys create --tenant NAME --scope inference` (or set QUIVER_ADMIN_KEY) to serve others"
         )
-    limiter = RateLimiter.create(settings.redis_url, meter, metrics)
+    limiter = RateLimiter.create(settings.redis_url, metrics)
     uploads = UploadSlots(settings.max_concurrent_uploads)
     return Gateway(
         settings, metrics, pool, view, router, proxy, frontiers, rag, merged, auth, usage, limiter, uploads, hints
