@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 
 import anyio.to_thread
@@ -78,10 +78,15 @@ async def _base_spec(settings: Settings, replica: VllmReplica) -> BaseModelSpec 
         return None
 
 
-async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None, tracing: Tracing) -> Gateway:
+async def _build(
+    settings: Settings, transport: httpx.AsyncBaseTransport | None, tracing: Tracing, stack: AsyncExitStack
+) -> Gateway:
+    """The gateway's parts; each one that holds something is closed by ``stack``, in the reverse order of building."""
     metrics = Metrics()
     policy = settings.routing
     hints = ResidencyHints.from_url(settings.redis_url) if settings.redis_url else None
+    if hints is not None:
+        stack.push_async_callback(hints.aclose)
     members = []
     for i, url in enumerate(settings.vllm_urls):
         replica = _replica(settings, url, f"r{i}", transport, tracing)
@@ -103,21 +108,26 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None,
         max_in_flight=settings.replica_max_in_flight,
         placement=settings.placement,
     )
+    stack.push_async_callback(pool.aclose)  # unloads what this gateway loaded
     base = await _base_spec(settings, pool.first.replica)
     registry = await anyio.to_thread.run_sync(open_registry, settings, base)
+    stack.push_async_callback(anyio.to_thread.run_sync, registry.close)
     view = await anyio.to_thread.run_sync(RegistryView.over, registry)
     frontiers = {name: Frontier(config, transport=transport) for name, config in policy.frontiers.items()}
     for frontier in frontiers.values():
         frontier.tracing = tracing
+        stack.push_async_callback(frontier.aclose)
     meter = PromptMeter(base_model_dir(settings, pool.first.replica))
     embedder = Embedder(lazy=True)  # one model for the auto router and the RAG path, loaded on first use
     rag = RagTarget(
         await anyio.to_thread.run_sync(lambda: RagPath(open_index(index_url(settings)), embedder, meter.count_text))
     )
+    stack.push_async_callback(anyio.to_thread.run_sync, rag.rag.close)
     await rag.refresh()
     merged = MergedDeployments(
         lambda: view.catalog, metrics, lambda url: _replica(settings, url, "merged", transport, tracing)
     )
+    stack.push_async_callback(merged.aclose)
     router = Router(
         pool,
         lambda: view.catalog,
@@ -129,6 +139,7 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None,
         merged=merged,
     )
     usage = UsageMeter(view)
+    stack.push_async_callback(_last_usage, usage)  # before the registry, whose database it is written to
     proxy = Proxy(router, metrics, meter, rag, usage)
     admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
     auth = Authenticator(lambda: view.keys, admin_key)
@@ -138,10 +149,23 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None,
             "`quiver keys create --tenant NAME --scope inference` (or set QUIVER_ADMIN_KEY) to serve others"
         )
     limiter = RateLimiter.create(settings.redis_url, metrics)
+    stack.push_async_callback(limiter.aclose)
     uploads = UploadSlots(settings.max_concurrent_uploads)
     return Gateway(
         settings, metrics, pool, view, router, proxy, frontiers, rag, merged, auth, usage, limiter, uploads, hints
     )
+
+
+async def _last_usage(usage: UsageMeter) -> None:
+    """Write the usage counted since the last flush, at shutdown: best effort, the database may be gone."""
+    with suppress(Exception):
+        await usage.flush()
+
+
+async def _cancelled(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _replica(
@@ -168,11 +192,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway = await _build(settings, transport, tracing)
-        app.state.gateway = gateway
-        app.state.fine_tuning = await fine_tuning.FineTuning.start(settings, base_model_dir(settings, gateway.replica))
-        tasks: list[asyncio.Task[None]] = []
-        try:
+        # Whatever was started is stopped, in the reverse order, however far the start got.
+        async with AsyncExitStack() as stack:
+            gateway = app.state.gateway = await _build(settings, transport, tracing, stack)
+            jobs = await fine_tuning.FineTuning.start(settings, base_model_dir(settings, gateway.replica))
+            stack.push_async_callback(jobs.stop)
+            app.state.fine_tuning = jobs
             # The first checks; the polls below take over after one interval.
             await asyncio.gather(gateway.pool.check(), gateway.merged.check())
             tasks = [
@@ -184,23 +209,8 @@ def create_app(
             ]
             if gateway.hints is not None:
                 tasks.append(asyncio.create_task(gateway.hints.watch(settings.health_interval_s), name="hints"))
+            stack.push_async_callback(_cancelled, tasks)
             yield
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            with suppress(Exception):
-                await gateway.usage.flush()
-            await app.state.fine_tuning.stop()
-            await gateway.pool.aclose()
-            await gateway.merged.aclose()
-            if gateway.hints is not None:
-                await gateway.hints.aclose()
-            await gateway.limiter.aclose()
-            await anyio.to_thread.run_sync(gateway.rag.rag.close)
-            for frontier in gateway.frontiers.values():
-                await frontier.aclose()
-            await anyio.to_thread.run_sync(gateway.registry.close)
 
     app = FastAPI(title="Quiver", version="0.1.0", lifespan=lifespan)
     # Inside RequestContext (added last, so outermost), which puts the request id on a 413 as on any answer.
