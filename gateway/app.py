@@ -7,9 +7,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import anyio.to_thread
 import httpx
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -29,7 +31,7 @@ from gateway.health import ReplicaMonitor
 from gateway.hints import ResidencyHints
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
-from gateway.observability import RequestContext, Tracing
+from gateway.observability import AccessLog, RequestContext, Tracing
 from gateway.pool import Member, ReplicaPool
 from gateway.protocol import error_response, invalid_request
 from gateway.rag import RagPath, index_url, open_index
@@ -189,11 +191,13 @@ def create_app(
 ) -> FastAPI:
     """Build the gateway app; tests may put an httpx MockTransport upstream and their own ``tracing``."""
     tracing = tracing or Tracing.to_collector(settings.otel_endpoint)
+    access = AccessLog()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Whatever was started is stopped, in the reverse order, however far the start got.
         async with AsyncExitStack() as stack:
+            stack.enter_context(access.running())
             gateway = app.state.gateway = await _build(settings, transport, tracing, stack)
             jobs = await fine_tuning.FineTuning.start(settings, base_model_dir(settings, gateway.replica))
             stack.push_async_callback(jobs.stop)
@@ -215,7 +219,7 @@ def create_app(
     app = FastAPI(title="Quiver", version="0.1.0", lifespan=lifespan)
     # Inside RequestContext (added last, so outermost), which puts the request id on a 413 as on any answer.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, spooled=SPOOLED_UPLOADS)
-    app.add_middleware(RequestContext, tracing=tracing)
+    app.add_middleware(RequestContext, tracing=tracing, access=access)
     app.include_router(routes.router)
     app.include_router(admin.router)
     app.include_router(files.router)
@@ -242,3 +246,10 @@ def create_app(
         return error_response(QuiverError(f"internal error ({type(exc).__name__}); see the gateway log"))
 
     return app
+
+
+def server_config(app: FastAPI, settings: Settings, **options: Any) -> uvicorn.Config:
+    """How uvicorn serves a gateway app: on the settings' host and port, ``options`` on top. uvicorn's own access
+    log stays off whatever the options say: the gateway writes one line per request, with its request id."""
+    given: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
+    return uvicorn.Config(app, **(given | options | {"access_log": False}))
