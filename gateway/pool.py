@@ -1,6 +1,6 @@
 """Several vLLM replicas of one base model, and where a request for an adapter should go.
 
-A member serves one request at a time through a ``Lease``: it counts the request in flight, holds the adapter
+Each request a member serves holds a ``Lease`` on it: the member counts the request in flight, holds its adapter
 version loaded, loads it again when vLLM has forgotten it (a 404: vLLM restarted since the last poll), and marks
 its replica down when it stops accepting connections.
 
@@ -26,7 +26,7 @@ from adapters import AdapterVersion
 from core.errors import InvalidRequest, QuiverError
 from gateway.health import ReplicaMonitor
 from gateway.residency import Residency, Resident
-from gateway.upstream import VllmReplica
+from gateway.upstream import VllmReplica, unreachable
 
 Placement = Literal["affinity", "round_robin"]
 
@@ -85,7 +85,7 @@ class Lease:
         try:
             return await self._open(endpoint, body)
         except QuiverError as exc:
-            if exc.code in ("upstream_unavailable", "upstream_unreachable"):
+            if unreachable(exc):
                 self.member.mark_down(exc.message)
             raise
 

@@ -1,4 +1,5 @@
-"""Serving a generation request: walk the plan, hold the adapter loaded, relay the upstream's bytes.
+"""Serving a generation request: plan it, then walk the plan; for each target, prepare the body (context check,
+RAG), open the upstream request (on a replica, under the member's lease), and reply, plain or streamed.
 
 The upstream's answer is passed through as bytes: a non-streamed body is returned as read, and a
 stream is relayed chunk by chunk as it arrives, never parsed and re-serialized. Only the ``usage``
@@ -38,6 +39,7 @@ from gateway.router import (
     Target,
 )
 from gateway.tokens import Prompt, PromptMeter
+from gateway.upstream import unreachable
 from gateway.usage import UsageMeter
 
 log = logging.getLogger("quiver.serving")
@@ -100,7 +102,7 @@ def fallback_reason(exc: QuiverError) -> str:
     """The fallback reason a target's failure stands for."""
     if isinstance(exc, UpstreamTimeout):
         return "upstream_timeout"
-    if exc.code in ("upstream_unavailable", "upstream_unreachable"):
+    if unreachable(exc):
         return "upstream_down"
     if isinstance(exc, Unavailable):
         return "overloaded"
