@@ -19,7 +19,7 @@ from core import embedded, extras
 from core.errors import QuiverError
 from core.processes import port_in_use
 from core.vllm_server import VllmServer
-from gateway import Settings, create_app
+from gateway import Settings, create_app, server_config
 from gateway.observability import configure_logging
 
 
@@ -182,15 +182,7 @@ def run(
 
 def _serve(settings: Settings, base: str, console: Console, started: float) -> int:
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        log_level=settings.log_level,
-        access_log=False,
-    )
+    config = server_config(app, settings, loop="uvloop", http="httptools")
     gateway = uvicorn.Server(config)
     original_startup = gateway.startup
 
