@@ -51,8 +51,8 @@ def _events(model: str, *, chat: bool) -> list[bytes]:
         "created": int(time.time()),
         "model": model,
     }
-    token = {"delta": {"role": "assistant", "content": "ok"}} if chat else {"text": "ok"}
-    finish = {"delta": {}} if chat else {"text": ""}
+    token: dict[str, object] = {"delta": {"role": "assistant", "content": "ok"}} if chat else {"text": "ok"}
+    finish: dict[str, object] = {"delta": {}} if chat else {"text": ""}
     usage = {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}
     chunks = [
         head | {"choices": [{"index": 0, "finish_reason": None} | token]},

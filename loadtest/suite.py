@@ -143,7 +143,7 @@ def measure_cold_start(gateway: str, adapters: Sequence[tuple[str, Path]], resul
         async with httpx.AsyncClient(base_url=gateway, timeout=600) as client:
             for name, directory in adapters:
                 started = time.perf_counter()
-                await asyncio.to_thread(routing.push, gateway, name, directory)
+                await asyncio.to_thread(fixtures.push, gateway, name, directory)
                 result.cold_push_s.append(time.perf_counter() - started)
                 result.cold_first_token_s.append(await _first_token_s(client, name))
 
@@ -217,7 +217,7 @@ def run(
         names = [f"bench-{i}" for i in range(len(churn_dirs))]
         with console.status(f"Pushing {len(names)} adapters over HTTP"):
             for name, directory in zip(names, churn_dirs, strict=True):
-                routing.push(gateway, name, directory)
+                fixtures.push(gateway, name, directory)
         base_model, steady = pool.served_name, names[: profile.slots]
         asyncio.run(routing.drive(gateway, [base_model, *steady], 1, 4, routing.Run()))
         result.rss_idle = rss_bytes(gateway)
