@@ -4,7 +4,7 @@ One vLLM with runtime LoRA (``slots`` adapters loaded at most) serves every gate
 serves the merged model (LoRA off) and starts beside it. Each comparison alternates its sides round by round
 with the same requests, so drift on the machine hits both alike. Sections:
 
-- gateway vs vLLM direct (``loadtest.bench``);
+- the gateway against the floor (the leanest passthrough) and vLLM direct (``loadtest.bench``);
 - adapter vs base and N mixed adapters vs base, through the gateway (completion tokens/s, TTFT);
 - churn: many more registered adapters than slots, Zipf popularity, against the steady mixed load;
 - cold start: push over HTTP -> first streamed token, over 20 adapters;
@@ -37,7 +37,7 @@ from rich.table import Table
 
 from core import benchmarks
 from loadtest import fixtures, routing
-from loadtest.bench import start_gateway
+from loadtest.bench import Workload, start_gateway
 
 TARGET_ADAPTER_VS_BASE = 0.8
 TARGET_MIXED_VS_BASE = 0.7
@@ -177,9 +177,10 @@ SECTIONS = ("gateway", "serving", "naive", "merged")
 
 def run(
     base_dir: Path, out_dir: Path, console: Console, *, profile: Profile, sections: Sequence[str] = SECTIONS,
-    gpu: bool = False,
+    gpu: bool = False, gateway_workload: Workload = Workload(),  # noqa: B008 - frozen, so one shared default is safe
 ) -> Serving:  # fmt: skip
-    """The vLLM-backed sections in one run; prints each table and records JSON, plots and BENCHMARKS.md."""
+    """The vLLM-backed sections in one run; prints each table and records JSON, plots and BENCHMARKS.md.
+    ``gateway_workload``: how much the gateway section (``loadtest.bench``) sends."""
     from loadtest import bench
 
     result = Serving()
@@ -209,8 +210,8 @@ def run(
                         pool_url=pool.url, merged_url=merged.url,
                     )  # fmt: skip
         if "gateway" in sections:  # before the suite's own gateway starts: the fewest processes beside it
-            with took(console, "gateway vs direct"):
-                bench.run(pool.url, rounds=6, requests=40, out_dir=out_dir, console=console)
+            with took(console, "gateway vs the floor and vLLM direct"):
+                bench.run(pool.url, churn_dirs, out_dir, console, gateway_workload)
         env = {"QUIVER_MAX_LORAS": str(profile.slots), "QUIVER_FINE_TUNING_WORKERS": "0"}
         with took(console, "gateway start"), console.status("Starting the gateway"):
             gateway = start_gateway(stack, pool.url, work, "suite", env)
