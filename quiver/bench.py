@@ -46,9 +46,10 @@ def bench(
     training_steps: Annotated[int, typer.Option(help="Timed optimizer steps per training run.")] = 3,
     training_rounds: Annotated[int, typer.Option(help="Alternating rounds of the training comparison.")] = 2,
 ) -> None:
-    """Every serving comparison side by side in one run: gateway vs vLLM direct, adapters vs base, churn, cold
-    start, naive transformers + PEFT, merged vs unmerged, registry scale, gateway memory. `--only training` and
-    `--only routing` (affinity vs round-robin over two replicas) add the training and placement comparisons."""
+    """Every serving comparison side by side in one run: the gateway vs the floor and vLLM direct, adapters vs
+    base, churn, cold start, naive transformers + PEFT, merged vs unmerged, registry scale and the gateway's cold
+    start, gateway memory. `--only training` and `--only routing` (affinity vs round-robin over two replicas) add
+    the training and placement comparisons."""
     from core import embedded
     from core.vllm_server import has_cuda
     from loadtest import suite
