@@ -5,8 +5,10 @@ shared machine hits all alike: the upstream direct, the floor (``loadtest.floor`
 front of it, and the gateway in front of it. Two upstreams: an OpenAI-shaped one that answers at once (the
 gateway's own cost: CPU time per request, added latency, saturation throughput, each next to the floor's) and
 the real vLLM (end-to-end throughput, a ratio per round). The CPU time is the server process's own, read from
-/proc before and after each round. Then the gateway's memory after adapter pushes and traffic and after ``auto``
-and RAG requests, and its CPU time for the largest bodies it refuses.
+/proc before and after each round. The load comes from ``loadtest.http1``, which costs a fraction of what the
+proxies do per request, so at saturation they, not the load generator, set the pace. Then the gateway's memory
+after adapter pushes and traffic and after ``auto`` and RAG requests, and its CPU time for the largest bodies it
+refuses.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from rich.table import Table
 from core import benchmarks, processes
 from core.processes import ChildProcess, free_port
 from loadtest import fixtures, floor, instant_upstream
+from loadtest.http1 import Load
 
 MESSAGES = [{"role": "user", "content": "Say OK."}]
 HEADING = "Gateway vs vLLM direct"
@@ -67,7 +70,7 @@ class Workload:
 
     rounds: int = 6
     instant_requests: int = 120  # per side and round, one at a time, against the instant upstream
-    saturation: int = 32  # in flight: more than enough to saturate a 2-CPU machine through either proxy
+    saturation: int = 32  # in flight: either proxy always has requests waiting
     saturation_requests: int = 480  # per side and round at saturation
     vllm_requests: int = 12  # per side and round, one at a time, against vLLM
     vllm_concurrency: int = 16
@@ -251,35 +254,6 @@ def start_gateway(
 # -- driving the sides ---------------------------------------------------------------------------
 
 
-async def _round(
-    client: httpx.AsyncClient, url: str, body: bytes, n: int, concurrency: int
-) -> tuple[list[float], int, float]:
-    """``n`` chat completions, ``concurrency`` in flight: the latencies of the answered ones, failures, wall time."""
-    headers = {"content-type": "application/json"}
-    latencies: list[float] = []
-    errors = 0
-    remaining = n
-
-    async def worker() -> None:
-        nonlocal remaining, errors
-        while remaining > 0:
-            remaining -= 1
-            started = time.perf_counter()
-            try:
-                response = await client.post(f"{url}/v1/chat/completions", content=body, headers=headers)
-                ok = response.status_code == 200
-            except httpx.TransportError:
-                ok = False
-            if ok:
-                latencies.append(time.perf_counter() - started)
-            else:
-                errors += 1
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, errors, time.perf_counter() - started
-
-
 def turns(sides: Sequence[Side], r: int) -> list[Side]:
     """The order of round ``r``: each side leads in turn, so none is always first or last."""
     k = r % len(sides)
@@ -291,20 +265,23 @@ async def alternate(
 ) -> dict[str, Sample]:
     """``rounds`` rounds of ``per_round`` requests to every side in turn; each side's sample."""
     body = json.dumps({"model": model, "messages": MESSAGES, "max_tokens": 1, "temperature": 0}).encode()
-    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
+    loads = {side.name: Load(side.url, "/v1/chat/completions", body) for side in sides}
     samples = {side.name: Sample([], 0.0, 0) for side in sides}
-    async with httpx.AsyncClient(limits=limits, timeout=600) as client:
+    try:
         for side in sides:  # warm connections and caches on every side
-            await _round(client, side.url, body, concurrency * 4, concurrency)
+            await loads[side.name].round(concurrency * 4, concurrency)
         for r in range(rounds):
             for side in turns(sides, r):
                 sample, cpu_before = samples[side.name], side.cpu_seconds()
-                latencies, errors, wall_s = await _round(client, side.url, body, per_round, concurrency)
+                latencies, errors, wall_s = await loads[side.name].round(per_round, concurrency)
                 sample.cpu_s += side.cpu_seconds() - cpu_before
                 sample.latencies += latencies
                 sample.errors += errors
                 sample.wall_s += wall_s
                 sample.per_round.append(len(latencies) / wall_s if wall_s else 0.0)
+    finally:
+        for load in loads.values():
+            await load.aclose()
     return samples
 
 
@@ -642,8 +619,8 @@ def markdown(result: Result, now: datetime) -> str:
         "direct, the floor in front of it (`loadtest/floor.py`: Starlette, one pooled httpx client, uvicorn on "
         "uvloop and httptools, access log off, bytes relayed) and the gateway in front of it (`quiver up "
         "--vllm-url`, no fine-tuning workers). `instant` is an OpenAI-shaped upstream that answers at once (the "
-        f"proxies' own cost; at concurrency {w.saturation} the load generator, the proxy and the upstream keep every "
-        "CPU busy); `vLLM` is the embedded model on "
+        f"proxies' own cost; at concurrency {w.saturation} the proxy is the bottleneck: the load generator, "
+        "`loadtest/http1.py`, and the upstream cost a fraction of it per request); `vLLM` is the embedded model on "
         "vLLM-CPU. CPU/request: the server process's user + system time (/proc) over the rounds, divided by their "
         "requests. vs direct: requests/s over the direct side's in the same round, median (min-max).",
         "",
