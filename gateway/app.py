@@ -28,7 +28,6 @@ from gateway.deployments import MergedDeployments
 from gateway.deps import Gateway
 from gateway.frontier import Frontier
 from gateway.health import ReplicaMonitor
-from gateway.hints import ResidencyHints
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
 from gateway.observability import AccessLog, RequestContext, Tracing
@@ -86,7 +85,11 @@ async def _build(
     """The gateway's parts; each one that holds something is closed by ``stack``, in the reverse order of building."""
     metrics = Metrics()
     policy = settings.routing
-    hints = ResidencyHints.from_url(settings.redis_url) if settings.redis_url else None
+    hints = None
+    if settings.redis_url:
+        from gateway.hints import ResidencyHints  # redis only where it is used
+
+        hints = ResidencyHints.from_url(settings.redis_url)
     if hints is not None:
         stack.push_async_callback(hints.aclose)
     members = []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -11,7 +11,6 @@ from gateway.auth import Authenticator
 from gateway.deployments import MergedDeployments
 from gateway.frontier import Frontier
 from gateway.health import ReplicaMonitor
-from gateway.hints import ResidencyHints
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
 from gateway.pool import ReplicaPool
@@ -24,6 +23,9 @@ from gateway.settings import Settings
 from gateway.uploads import UploadSlots
 from gateway.upstream import VllmReplica
 from gateway.usage import UsageMeter
+
+if TYPE_CHECKING:
+    from gateway.hints import ResidencyHints
 
 
 @dataclass

@@ -15,17 +15,19 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
-from redis.asyncio import ConnectionPool
 
 from core.errors import RateLimited
 from gateway.auth import Principal
 from gateway.metrics import Metrics
 from gateway.tokens import Prompt, completion_budget
+
+if TYPE_CHECKING:
+    from redis.asyncio import ConnectionPool
 
 log = logging.getLogger("quiver.limits")
 
@@ -73,6 +75,8 @@ class RateLimiter:
         """In-process counters, or counters in the Redis at ``redis_url`` shared by every gateway using it."""
         if redis_url is None:
             return cls(MemoryStorage(), metrics)
+        from redis.asyncio import ConnectionPool  # redis (and what it imports) only where it is used
+
         # Our own pool, so the connections can be closed at shutdown; short timeouts, since a request waits on it.
         pool = ConnectionPool.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         options: Any = {"connection_pool": pool}  # typed as scalars in limits, but passed on to redis-py

@@ -14,12 +14,15 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from adapters import AdapterVersion
 from core.errors import QuiverError, Unavailable
-from gateway.hints import ResidencyHints
 from gateway.metrics import Metrics
 from gateway.upstream import VllmReplica
+
+if TYPE_CHECKING:
+    from gateway.hints import ResidencyHints
 
 log = logging.getLogger("quiver.residency")
 

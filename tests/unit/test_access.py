@@ -3,6 +3,8 @@ and PostgreSQL) and through the gateway app (httpx MockTransport upstream)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -12,7 +14,9 @@ import httpx
 import openai
 import pytest
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from fastapi import FastAPI
 from sqlalchemy import create_engine, text
 
@@ -376,3 +380,20 @@ def test_keys_cli_creates_lists_and_revokes(tmp_path: Path) -> None:
     code, out = quiver("keys", "revoke", "0123456789ab")
     assert code == 1 and "no API key" in out
     database.close()
+
+
+def test_head_names_the_newest_migration_script() -> None:
+    # A database at db.HEAD opens without Alembic: a new migration script must move HEAD with it.
+    config = Config()
+    config.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
+    assert ScriptDirectory.from_config(config).get_heads() == [db.HEAD]
+
+
+def test_opening_a_database_at_head_loads_no_alembic(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    db.open_engine(url).dispose()
+    probe = (
+        "import sys; from adapters import db; db.open_engine(sys.argv[1]).dispose(); print('alembic' in sys.modules)"
+    )
+    opened = subprocess.run([sys.executable, "-c", probe, url], capture_output=True, text=True, check=True)
+    assert opened.stdout.strip() == "False"
