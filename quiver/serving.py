@@ -46,7 +46,7 @@ def up(
 
 @model_app.command("prepare")
 def model_prepare() -> None:
-    """Convert the embedded model once (cached) and print its directory."""
+    """Convert the embedded model and export the embeddings (auto, RAG) to ONNX once (cached); print the model path."""
     from core import embedded
 
     print(embedded.prepare(console=err))

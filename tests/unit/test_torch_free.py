@@ -14,8 +14,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from core.embeddings import Embedder
 from tests import factories as f
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,12 +97,44 @@ UPLOAD = textwrap.dedent(
     print(json.dumps({
         "answers": answers,
         "loaded": sorted(m for m in sys.modules if m.partition(".")[0] in FORBIDDEN),
+        "embedder_loaded": "onnxruntime" in sys.modules,
+    }))
+    """
+)
+
+# The embedder as the gateway uses it, counting this process's threads around its load and its calls.
+EMBED = textwrap.dedent(
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    import numpy
+    import onnxruntime
+    import tokenizers
+
+    from core.embeddings import Embedder
+
+    directory, texts = Path(sys.argv[1]), json.loads(sys.argv[2])
+
+    def threads():
+        return len(os.listdir("/proc/self/task"))
+
+    before = threads()
+    embedder = Embedder(directory)
+    vectors = embedder.encode(texts)
+    spans = embedder.token_spans(texts[0])
+    print(json.dumps({
+        "vectors": vectors.tolist(),
+        "spans": spans,
+        "threads_started": threads() - before,
+        "loaded": sorted(m for m in sys.modules if m.partition(".")[0] in FORBIDDEN),
     }))
     """
 )
 
 
-def run_guarded(code: str, *args: Path) -> subprocess.CompletedProcess[str]:
+def run_guarded(code: str, *args: Path | str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter, after the import guard."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-c", GUARD + code, *map(str, args)]
@@ -148,6 +182,19 @@ def test_the_gateway_checks_uploads_against_its_base_without_torch(tiny_llama_di
     result = last_json_line(run_guarded(UPLOAD, tiny_llama_dir, tmp_path / "data", *archives))
 
     assert result["loaded"] == []
+    assert not result["embedder_loaded"], "the embedder loads on the first auto or RAG request, not at start-up"
     (created, _), (refused, message) = result["answers"]
     assert (created, refused) == (201, 422)
     assert "does not exist in base model LlamaForCausalLM" in message
+
+
+def test_the_embedder_runs_without_torch_on_one_thread(embeddings_dir: Path, embedder: Embedder) -> None:
+    texts = [f"Sentence number {i} about refunds, routers and kettles." for i in range(100)]
+
+    result = last_json_line(run_guarded(EMBED, embeddings_dir, json.dumps(texts)))
+
+    assert result["loaded"] == []
+    # ONNX Runtime without its thread pools, the tokenizer without its batch threads.
+    assert result["threads_started"] == 0
+    assert np.allclose(np.array(result["vectors"], dtype=np.float32), embedder.encode(texts), atol=1e-5)
+    assert [tuple(span) for span in result["spans"]] == embedder.token_spans(texts[0])
