@@ -4,7 +4,8 @@ The gateway's semantic router (``auto``), its RAG path and the eval gate's RAG b
 embedder, one way to rank neighbours. Only onnxruntime, ``tokenizers`` and numpy run here, never torch: the
 export directory (``core.embedding_export``) holds the encoder graph, its tokenizer.json and how to pool.
 Each call runs on one thread: ONNX Runtime with one intra-op and one inter-op thread and no spinning, the
-tokenizer one text at a time (its batch encoding starts a thread per core), pooling without BLAS.
+tokenizer one text at a time (its batch encoding starts a thread per core), pooling without BLAS. Its memory
+is the model's plus the batch in flight: batches are capped in tokens, and the arena shrinks after each call.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def export_dir(cache: Path | None = None) -> Path:
 @dataclass(frozen=True)
 class _Loaded:
     session: Any  # onnxruntime.InferenceSession
+    run_options: Any  # onnxruntime.RunOptions
     truncating: Any  # tokenizers.Tokenizer: [CLS] text [SEP], cut at max_seq_length as the model reads it
     plain: Any  # tokenizers.Tokenizer: the text's own tokens, never cut
     dimension: int
@@ -59,9 +61,14 @@ class _Loaded:
 class Embedder:
     """Unit-length sentence vectors: a dot product between two of them is their cosine similarity."""
 
-    def __init__(self, directory: Path | None = None, batch_size: int = 32, *, lazy: bool = False) -> None:
+    def __init__(
+        self, directory: Path | None = None, batch_size: int = 32, batch_tokens: int = 2048, *, lazy: bool = False
+    ) -> None:
         self.directory = directory
         self.batch_size = batch_size
+        # Attention's memory grows with rows x length^2: a batch of 32 chunks at the 256-token cut takes the
+        # process to about 800 MiB, of 8 to about 300; on one thread a bigger batch is no faster per text.
+        self.batch_tokens = batch_tokens
         # One embedding at a time: the gateway embeds from worker threads, and each call is meant to use
         # one core, next to vLLM's.
         self._lock = threading.Lock()
@@ -98,15 +105,26 @@ class Embedder:
         import numpy as np
 
         model = self._model
-        texts = [t.lower() for t in texts] if model.lower_case else list(texts)
-        vectors = np.zeros((len(texts), model.dimension), dtype=np.float32)
-        # Batches of similar lengths waste the least on padding.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        encoded = [model.truncating.encode(t.lower() if model.lower_case else t).ids for t in texts]
+        vectors = np.zeros((len(encoded), model.dimension), dtype=np.float32)
         with self._lock:
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start : start + self.batch_size]
-                vectors[rows] = _embed_batch(model, [texts[i] for i in rows])
+            for rows in self._batches(encoded):
+                vectors[rows] = _embed_batch(model, [encoded[i] for i in rows])
         return vectors
+
+    def _batches(self, encoded: Sequence[list[int]]) -> list[list[int]]:
+        # Longest first, so each batch holds similar lengths and wastes little on padding; a batch ends at
+        # batch_size rows or when its padded size would pass batch_tokens.
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+        batches: list[list[int]] = []
+        for i in order:
+            if batches and len(batches[-1]) < self.batch_size:
+                longest = len(encoded[batches[-1][0]])
+                if (len(batches[-1]) + 1) * longest <= self.batch_tokens:
+                    batches[-1].append(i)
+                    continue
+            batches.append([i])
+        return batches
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         """The model's tokens of ``text`` as ``(start, end)`` character offsets: their count is its length."""
@@ -140,17 +158,17 @@ def mean_pooled(hidden: NDArray[np.float32], mask: NDArray[np.int64]) -> NDArray
     return unit
 
 
-def _embed_batch(model: _Loaded, texts: Sequence[str]) -> NDArray[np.float32]:
+def _embed_batch(model: _Loaded, rows: Sequence[list[int]]) -> NDArray[np.float32]:
     import numpy as np
 
-    encodings = [model.truncating.encode(text) for text in texts]
-    length = max(len(e.ids) for e in encodings)
-    ids = np.zeros((len(texts), length), dtype=np.int64)  # [PAD] is 0
-    mask = np.zeros((len(texts), length), dtype=np.int64)
-    for row, encoding in enumerate(encodings):
-        ids[row, : len(encoding.ids)] = encoding.ids
-        mask[row, : len(encoding.ids)] = 1
-    hidden: NDArray[np.float32] = model.session.run([OUTPUT], {"input_ids": ids, "attention_mask": mask})[0]
+    length = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), length), dtype=np.int64)  # [PAD] is 0
+    mask = np.zeros((len(rows), length), dtype=np.int64)
+    for row, tokens in enumerate(rows):
+        ids[row, : len(tokens)] = tokens
+        mask[row, : len(tokens)] = 1
+    feed = {"input_ids": ids, "attention_mask": mask}
+    hidden: NDArray[np.float32] = model.session.run([OUTPUT], feed, model.run_options)[0]
     return mean_pooled(hidden, mask)
 
 
@@ -182,6 +200,10 @@ def _load(directory: Path) -> _Loaded:
     session = onnxruntime.InferenceSession(
         str(directory / MODEL_FILE), sess_options=options, providers=["CPUExecutionProvider"]
     )
+    # The memory arena reuses buffers within a call (fewer page faults: about 15% faster on long texts than
+    # no arena) and gives back what it grew by at the end of the call, instead of keeping the largest batch's.
+    run_options = onnxruntime.RunOptions()
+    run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     max_seq_length = int(config["max_seq_length"])
     # tokenizer.json carries padding and truncation settings of its own; ours replace them.
     truncating = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
@@ -192,6 +214,7 @@ def _load(directory: Path) -> _Loaded:
     plain.no_truncation()
     return _Loaded(
         session=session,
+        run_options=run_options,
         truncating=truncating,
         plain=plain,
         dimension=int(config["dimension"]),
