@@ -136,3 +136,15 @@ def test_a_corrupted_export_is_refused_and_exported_again(
     assert verify(copy) and not list(copy.parent.glob(".export-*"))
     again = Embedder(copy).encode(SHORT[:4])
     assert (again * embedder.encode(SHORT[:4])).sum(axis=1).min() >= 0.99999
+
+
+def test_model_prepare_embeddings_only_prints_the_export(embeddings_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from quiver.cli import app
+
+    cache = str(embeddings_dir.parents[1])
+    result = CliRunner().invoke(app, ["model", "prepare", "--embeddings-only"], env={"QUIVER_CACHE_DIR": cache})
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(embeddings_dir)
