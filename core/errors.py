@@ -16,6 +16,7 @@ body ``{"error": {"message", "type", "param", "code"}}`` with ``status_code``.
     ├── Conflict               409 conflict               (e.g. deleting an aliased version)
     ├── RateLimited            429 rate_limit_exceeded + Retry-After (a key's or tenant's per-minute limit)
     ├── Unavailable            503 + Retry-After          (starting, loading, busy)
+    ├── NotInstalled           501 not_installed          (a part of Quiver this install lacks: an extra)
     └── UpstreamError          502 upstream_error         (vLLM answered badly or dropped us)
         ├── UpstreamTimeout    504 upstream_timeout
         └── ProcessFailed      502 process_failed         (a process Quiver started exited or never became ready)
@@ -155,6 +156,15 @@ class Unavailable(QuiverError):
 
     def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
         super().__init__(message, code=code, retry_after=retry_after)
+
+
+class NotInstalled(QuiverError):
+    """This install lacks an optional part of Quiver (the gateway-only install has no ML stack); the message names
+    the extra that brings it."""
+
+    status_code = 501
+    error_type = "not_implemented"
+    default_code = "not_installed"
 
 
 class UpstreamError(QuiverError):

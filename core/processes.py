@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from core import threads
 from core.errors import ProcessFailed
 
 _PR_SET_PDEATHSIG = 1
@@ -157,7 +158,8 @@ def start(
     append: bool = True,
 ) -> ChildProcess:
     """Launch ``args`` in a process group of its own, stdout and stderr to ``log_path`` (appended to, unless not
-    ``append``), stdin empty; ``env`` is set on top of this process's environment.
+    ``append``), stdin empty; ``env`` is set on top of this process's environment, less the thread caps a gateway
+    process set for itself (``core.threads``).
 
     Unless ``detach``, the process gets SIGTERM when the one that started it dies (even by SIGKILL), so no server
     outlives its supervisor; a detached one outlives it (a merged deployment outlives the CLI).
@@ -168,7 +170,7 @@ def start(
     with log_path.open("ab" if append else "wb") as log:
         popen = subprocess.Popen(
             list(args),
-            env=None if env is None else {**os.environ, **env},
+            env=threads.uncapped({**os.environ, **(env or {})}),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -246,10 +248,34 @@ def stop_detached(pid: int, grace_s: float = 20.0) -> None:
 def alive(pid: int) -> bool:
     """Whether ``pid`` is a live process (a zombie, dead but not yet reaped by its parent, is not)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        state = stat_fields(Path(f"/proc/{pid}/stat").read_text())[0]
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def stat_fields(line: str) -> list[str]:
+    """The fields of a ``/proc/<pid>/stat`` line after the command name, which may hold spaces and parentheses:
+    ``[0]`` is the state (field 3 in proc(5)), ``[11]`` and ``[12]`` user and system CPU ticks, ``[21]`` RSS pages."""
+    return line.rpartition(")")[2].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time that ``pid`` has used so far, all its threads (not its children); from /proc."""
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident memory of ``pid`` now, from /proc."""
+    return int(_stat(pid)[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _stat(pid: int) -> list[str]:
+    try:
+        return stat_fields(Path(f"/proc/{pid}/stat").read_text())
+    except FileNotFoundError:
+        raise ProcessLookupError(f"no process {pid}") from None
 
 
 def command_line(pid: int) -> list[str]:

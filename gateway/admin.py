@@ -89,7 +89,7 @@ async def push(request: Request, gateway: GatewayDep, principal: Writer, respons
     """
     limit = gateway.settings.max_upload_bytes
     check_length(request, limit, "adapter uploads")
-    async with gateway.uploads.hold("adapter uploads"), request.form(max_files=1, max_fields=8) as form:
+    async with gateway.uploads.hold("adapter upload"), request.form(max_files=1, max_fields=8) as form:
         name, upload = form.get("name"), form.get("file")
         if not isinstance(name, str) or not name:
             raise InvalidRequest("form field 'name' (the adapter name) is required", param="name")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import anyio.to_thread
 import httpx
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -29,7 +31,7 @@ from gateway.health import ReplicaMonitor
 from gateway.hints import ResidencyHints
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
-from gateway.observability import RequestContext, Tracing
+from gateway.observability import AccessLog, RequestContext, Tracing
 from gateway.pool import Member, ReplicaPool
 from gateway.protocol import error_response, invalid_request
 from gateway.rag import RagPath, index_url, open_index
@@ -78,10 +80,15 @@ async def _base_spec(settings: Settings, replica: VllmReplica) -> BaseModelSpec 
         return None
 
 
-async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None, tracing: Tracing) -> Gateway:
+async def _build(
+    settings: Settings, transport: httpx.AsyncBaseTransport | None, tracing: Tracing, stack: AsyncExitStack
+) -> Gateway:
+    """The gateway's parts; each one that holds something is closed by ``stack``, in the reverse order of building."""
     metrics = Metrics()
     policy = settings.routing
     hints = ResidencyHints.from_url(settings.redis_url) if settings.redis_url else None
+    if hints is not None:
+        stack.push_async_callback(hints.aclose)
     members = []
     for i, url in enumerate(settings.vllm_urls):
         replica = _replica(settings, url, f"r{i}", transport, tracing)
@@ -103,21 +110,26 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None,
         max_in_flight=settings.replica_max_in_flight,
         placement=settings.placement,
     )
+    stack.push_async_callback(pool.aclose)  # unloads what this gateway loaded
     base = await _base_spec(settings, pool.first.replica)
     registry = await anyio.to_thread.run_sync(open_registry, settings, base)
+    stack.push_async_callback(anyio.to_thread.run_sync, registry.close)
     view = await anyio.to_thread.run_sync(RegistryView.over, registry)
     frontiers = {name: Frontier(config, transport=transport) for name, config in policy.frontiers.items()}
     for frontier in frontiers.values():
         frontier.tracing = tracing
+        stack.push_async_callback(frontier.aclose)
     meter = PromptMeter(base_model_dir(settings, pool.first.replica))
     embedder = Embedder(lazy=True)  # one model for the auto router and the RAG path, loaded on first use
     rag = RagTarget(
         await anyio.to_thread.run_sync(lambda: RagPath(open_index(index_url(settings)), embedder, meter.count_text))
     )
+    stack.push_async_callback(anyio.to_thread.run_sync, rag.rag.close)
     await rag.refresh()
     merged = MergedDeployments(
         lambda: view.catalog, metrics, lambda url: _replica(settings, url, "merged", transport, tracing)
     )
+    stack.push_async_callback(merged.aclose)
     router = Router(
         pool,
         lambda: view.catalog,
@@ -129,6 +141,7 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None,
         merged=merged,
     )
     usage = UsageMeter(view)
+    stack.push_async_callback(_last_usage, usage)  # before the registry, whose database it is written to
     proxy = Proxy(router, metrics, meter, rag, usage)
     admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
     auth = Authenticator(lambda: view.keys, admin_key)
@@ -137,11 +150,24 @@ async def _build(settings: Settings, transport: httpx.AsyncBaseTransport | None,
             "no API keys configured: the gateway is open, to clients on loopback only; create a key with "
             "`quiver keys create --tenant NAME --scope inference` (or set QUIVER_ADMIN_KEY) to serve others"
         )
-    limiter = RateLimiter.create(settings.redis_url, meter, metrics)
+    limiter = RateLimiter.create(settings.redis_url, metrics)
+    stack.push_async_callback(limiter.aclose)
     uploads = UploadSlots(settings.max_concurrent_uploads)
     return Gateway(
         settings, metrics, pool, view, router, proxy, frontiers, rag, merged, auth, usage, limiter, uploads, hints
     )
+
+
+async def _last_usage(usage: UsageMeter) -> None:
+    """Write the usage counted since the last flush, at shutdown: best effort, the database may be gone."""
+    with suppress(Exception):
+        await usage.flush()
+
+
+async def _cancelled(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _replica(
@@ -165,14 +191,17 @@ def create_app(
 ) -> FastAPI:
     """Build the gateway app; tests may put an httpx MockTransport upstream and their own ``tracing``."""
     tracing = tracing or Tracing.to_collector(settings.otel_endpoint)
+    access = AccessLog()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway = await _build(settings, transport, tracing)
-        app.state.gateway = gateway
-        app.state.fine_tuning = await fine_tuning.FineTuning.start(settings, base_model_dir(settings, gateway.replica))
-        tasks: list[asyncio.Task[None]] = []
-        try:
+        # Whatever was started is stopped, in the reverse order, however far the start got.
+        async with AsyncExitStack() as stack:
+            stack.enter_context(access.running())
+            gateway = app.state.gateway = await _build(settings, transport, tracing, stack)
+            jobs = await fine_tuning.FineTuning.start(settings, base_model_dir(settings, gateway.replica))
+            stack.push_async_callback(jobs.stop)
+            app.state.fine_tuning = jobs
             # The first checks; the polls below take over after one interval.
             await asyncio.gather(gateway.pool.check(), gateway.merged.check())
             tasks = [
@@ -184,28 +213,13 @@ def create_app(
             ]
             if gateway.hints is not None:
                 tasks.append(asyncio.create_task(gateway.hints.watch(settings.health_interval_s), name="hints"))
+            stack.push_async_callback(_cancelled, tasks)
             yield
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            with suppress(Exception):
-                await gateway.usage.flush()
-            await app.state.fine_tuning.stop()
-            await gateway.pool.aclose()
-            await gateway.merged.aclose()
-            if gateway.hints is not None:
-                await gateway.hints.aclose()
-            await gateway.limiter.aclose()
-            await anyio.to_thread.run_sync(gateway.rag.rag.close)
-            for frontier in gateway.frontiers.values():
-                await frontier.aclose()
-            await anyio.to_thread.run_sync(gateway.registry.close)
 
     app = FastAPI(title="Quiver", version="0.1.0", lifespan=lifespan)
     # Inside RequestContext (added last, so outermost), which puts the request id on a 413 as on any answer.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, spooled=SPOOLED_UPLOADS)
-    app.add_middleware(RequestContext, tracing=tracing)
+    app.add_middleware(RequestContext, tracing=tracing, access=access)
     app.include_router(routes.router)
     app.include_router(admin.router)
     app.include_router(files.router)
@@ -232,3 +246,10 @@ def create_app(
         return error_response(QuiverError(f"internal error ({type(exc).__name__}); see the gateway log"))
 
     return app
+
+
+def server_config(app: FastAPI, settings: Settings, **options: Any) -> uvicorn.Config:
+    """How uvicorn serves a gateway app: on the settings' host and port, ``options`` on top. uvicorn's own access
+    log stays off whatever the options say: the gateway writes one line per request, with its request id."""
+    given: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
+    return uvicorn.Config(app, **(given | options | {"access_log": False}))

@@ -44,10 +44,11 @@ def _store(files: FileStore, upload: UploadFile, name: str, limit: int) -> Store
 
 @router.post("", response_model=FilePublic, openapi_extra=_UPLOAD_SCHEMA)
 async def upload_file(request: Request, gateway: GatewayDep, fine_tuning: FineTuningDep) -> FilePublic:
-    """Upload training data (multipart ``purpose=fine-tune`` and ``file``); checked before it is stored."""
+    """Upload training data (multipart ``purpose=fine-tune`` and ``file``); checked before it is stored. Counted
+    with adapter uploads against ``max_concurrent_uploads``."""
     limit = gateway.settings.max_file_bytes
     check_length(request, limit, "file uploads")
-    async with request.form(max_files=1, max_fields=8) as form:
+    async with gateway.uploads.hold("training file upload"), request.form(max_files=1, max_fields=8) as form:
         purpose, upload = form.get("purpose"), form.get("file")
         if purpose != PURPOSE_FINE_TUNE:
             raise InvalidRequest(

@@ -3,6 +3,11 @@
 Routes stay thin: jobs live in ``jobs.queue.JobStore`` (SQL) and train in worker processes
 (``gateway.workers``). Here a new job's files are validated in a thread, off the event loop; jobs a
 stopped gateway left in ``validating_files`` are validated when the next one starts.
+
+Workers train with torch, which the gateway-only install lacks. Such a gateway asked for workers
+(``QUIVER_FINE_TUNING_WORKERS``, default 1) starts none and refuses new jobs with a 501 that names the
+extra; with ``QUIVER_FINE_TUNING_WORKERS=0`` it queues them for workers run elsewhere (``python -m
+training.worker`` in the full install, on the same database and data dir).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, Query, Request
 
 from access.keys import FINE_TUNE
-from core.errors import InvalidRequest, ModelNotFound, Unavailable
+from core import extras
+from core.errors import InvalidRequest, ModelNotFound, NotInstalled, Unavailable
 from gateway.auth import requires
 from gateway.deps import Gateway, GatewayDep
 from gateway.protocol import (
@@ -51,9 +57,13 @@ T = TypeVar("T")
 class FineTuning:
     """The job store, the validations in flight and the worker processes of one gateway."""
 
-    def __init__(self, jobs: JobStore, workers: WorkerPool | None, stop_timeout_s: float) -> None:
+    def __init__(
+        self, jobs: JobStore, workers: WorkerPool | None, stop_timeout_s: float, refusal: str | None = None
+    ) -> None:
         self.jobs = jobs
         self.workers = workers
+        # Why new jobs are refused: workers were asked for, but this install cannot run them.
+        self.refusal = refusal
         self._stop_timeout_s = stop_timeout_s
         self._validations: set[asyncio.Task[None]] = set()
         self._watch: asyncio.Task[None] | None = None
@@ -63,7 +73,10 @@ class FineTuning:
         """Open the store, start the workers (when enabled and the base model's directory is known)."""
         jobs = await anyio.to_thread.run_sync(JobStore.open, settings.registry_url, settings.data_dir)
         workers = None
-        if settings.fine_tuning_workers and base_model_dir is None:
+        refusal = training_not_installed() if settings.fine_tuning_workers else None
+        if refusal is not None:
+            log.warning("fine-tuning workers not started: %s", refusal)
+        elif settings.fine_tuning_workers and base_model_dir is None:
             log.warning(
                 "fine-tuning workers not started: the base model's directory is unknown (set "
                 "QUIVER_BASE_MODEL_PATH); fine-tuning jobs wait in the queue"
@@ -81,7 +94,7 @@ class FineTuning:
                 exit_with_parent=True,
             )
             workers = WorkerPool(config, settings.fine_tuning_workers, jobs, settings.data_dir / "logs")
-        fine_tuning = cls(jobs, workers, settings.fine_tuning_stop_timeout_s)
+        fine_tuning = cls(jobs, workers, settings.fine_tuning_stop_timeout_s, refusal)
         try:
             if workers is not None:
                 await anyio.to_thread.run_sync(workers.start)
@@ -126,6 +139,18 @@ class FineTuning:
                 await self.workers.stop(self._stop_timeout_s)
         finally:
             await self.call(self.jobs.close)
+
+
+def training_not_installed() -> str | None:
+    """Why this install cannot run fine-tuning workers (the gateway-only install), or None when it can."""
+    try:
+        extras.require("fine-tuning in worker processes beside the gateway", "ml", "training")
+    except NotInstalled as exc:
+        return (
+            f"{exc.message}; or run the workers elsewhere (python -m training.worker, on this gateway's database and "
+            f"data dir) and set QUIVER_FINE_TUNING_WORKERS=0, so that this gateway queues jobs for them"
+        )
+    return None
 
 
 async def fine_tuning_of(request: Request) -> FineTuning:
@@ -248,6 +273,8 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 @router.post("", response_model=FineTuningJobPublic)
 async def create_job(body: FineTuningJobCreate, gateway: GatewayDep, fine_tuning: FineTuningDep) -> FineTuningJobPublic:
     """Create a job from uploaded files; it starts in ``validating_files``."""
+    if fine_tuning.refusal is not None:
+        raise NotInstalled(fine_tuning.refusal, code="fine_tuning_not_installed")
     spec = job_spec(body, base_model_of(gateway, body.model))
     job = await fine_tuning.call(fine_tuning.jobs.create, spec)
     fine_tuning.validate_soon(job.id)

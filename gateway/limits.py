@@ -1,8 +1,8 @@
 """Per-minute limits on requests and tokens, for each key and each tenant, in-process or shared through Redis.
 
-A request costs one request and ``prompt tokens + n x max_tokens`` tokens (what it may consume at most: each of
-its ``n`` choices may generate ``max_tokens``; the prompt counted with the base model's tokenizer, or tiktoken
-for frontier models). It is admitted only if
+A request costs one request and ``prompt tokens + max(n, best_of) x max_tokens`` tokens (what it may consume at
+most: each of the completions it asks vLLM to generate may take ``max_tokens``; the prompt counted exactly, with the
+tokenizer of the target its plan tries first: the base model's, or tiktoken for a frontier). It is admitted only if
 all four counters (key requests, key tokens, tenant requests, tenant tokens) have room, and only then
 charged to them, so a refused request costs nothing. Windows are the ``limits`` library's sliding-window
 counters: in memory by default, in Redis when several gateways must share them. Every answer carries
@@ -25,7 +25,7 @@ from redis.asyncio import ConnectionPool
 from core.errors import RateLimited
 from gateway.auth import Principal
 from gateway.metrics import Metrics
-from gateway.tokens import PromptMeter, completion_budget
+from gateway.tokens import Prompt, completion_budget
 
 log = logging.getLogger("quiver.limits")
 
@@ -53,37 +53,35 @@ def reset_text(seconds: float) -> str:
 
 
 def choices(payload: dict[str, Any]) -> int:
-    """How many completions the request asks for (``n``, checked by the route)."""
-    n = payload.get("n")
-    return n if isinstance(n, int) and n > 1 else 1
+    """How many completions the request makes the upstream generate: ``n``, or ``best_of`` when it asks for more
+    (both capped by the route)."""
+    given = (payload.get(name) for name in ("n", "best_of"))
+    return max((value for value in given if isinstance(value, int)), default=1)
 
 
 class RateLimiter:
     """Admits or refuses each request against its key's and tenant's per-minute limits."""
 
-    def __init__(
-        self, storage: Storage, meter: PromptMeter, metrics: Metrics, pool: ConnectionPool | None = None
-    ) -> None:
+    def __init__(self, storage: Storage, metrics: Metrics, pool: ConnectionPool | None = None) -> None:
         self._storage = storage
         self._pool = pool
         self._windows = SlidingWindowCounterRateLimiter(storage)
-        self._meter = meter
         self._metrics = metrics
 
     @classmethod
-    def create(cls, redis_url: str | None, meter: PromptMeter, metrics: Metrics) -> RateLimiter:
+    def create(cls, redis_url: str | None, metrics: Metrics) -> RateLimiter:
         """In-process counters, or counters in the Redis at ``redis_url`` shared by every gateway using it."""
         if redis_url is None:
-            return cls(MemoryStorage(), meter, metrics)
+            return cls(MemoryStorage(), metrics)
         # Our own pool, so the connections can be closed at shutdown; short timeouts, since a request waits on it.
         pool = ConnectionPool.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         options: Any = {"connection_pool": pool}  # typed as scalars in limits, but passed on to redis-py
         storage = RedisStorage("async+" + redis_url, implementation="redispy", key_prefix=PREFIX, **options)
-        return cls(storage, meter, metrics, pool)
+        return cls(storage, metrics, pool)
 
-    async def admit(self, principal: Principal, payload: dict[str, Any], *, frontier: bool) -> dict[str, str]:
+    async def admit(self, principal: Principal, prompt: Prompt, *, frontier: bool) -> dict[str, str]:
         """Charge the request to its counters and return the ``x-ratelimit-*`` headers; RateLimited (429) if
-        any counter lacks room."""
+        any counter lacks room. ``frontier``: its first target is a frontier, whose tokenizer counts the prompt."""
         limits = (
             ("key", principal.key_id, principal.key_limits),
             ("tenant", principal.tenant, principal.tenant_limits),
@@ -96,8 +94,8 @@ class RateLimiter:
                 checks.append(_Check(f"{scope}_requests", "requests", item, f"{scope}:{who}:requests", 1))
             if given.tokens_per_min is not None:
                 if tokens is None:  # tokenizing costs time: only when a token limit applies
-                    prompt = await self._meter.count(payload, frontier=frontier)
-                    tokens = prompt + choices(payload) * completion_budget(payload)
+                    payload = prompt.payload
+                    tokens = await prompt.tokens(frontier=frontier) + choices(payload) * completion_budget(payload)
                 item = RateLimitItemPerMinute(given.tokens_per_min)
                 checks.append(_Check(f"{scope}_tokens", "tokens", item, f"{scope}:{who}:tokens", tokens))
         if not checks:

@@ -1,5 +1,9 @@
 """Several vLLM replicas of one base model, and where a request for an adapter should go.
 
+Each request a member serves holds a ``Lease`` on it: the member counts the request in flight, holds its adapter
+version loaded, loads it again when vLLM has forgotten it (a 404: vLLM restarted since the last poll), and marks
+its replica down when it stops accepting connections.
+
 Placement prefers a healthy replica that already holds the adapter, so a request does not pay for a
 load and other adapters are not evicted (affinity). A replica past ``saturation`` requests in flight
 makes a hot adapter spread to the least loaded replica with a free slot; one past ``max_in_flight``
@@ -11,13 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
 
+import httpx
+
+from adapters import AdapterVersion
+from core.errors import InvalidRequest, QuiverError
 from gateway.health import ReplicaMonitor
-from gateway.residency import Residency
-from gateway.upstream import VllmReplica
+from gateway.residency import Residency, Resident
+from gateway.upstream import VllmReplica, unreachable
 
 Placement = Literal["affinity", "round_robin"]
 
@@ -42,6 +51,58 @@ class Member:
     def load(self) -> float:
         """Requests in flight now (read by the metrics at scrape time)."""
         return self.in_flight
+
+    @asynccontextmanager
+    async def lease(self, version: AdapterVersion | None = None) -> AsyncIterator[Lease]:
+        """One request here for the duration of the block: counted in flight, and ``version`` (an adapter's)
+        held loaded. Entering raises what loading raised: vLLM refused the files, or no slot came free."""
+        self.in_flight += 1
+        try:
+            if version is None:
+                yield Lease(self)
+                return
+            async with self.residency.lease(version) as resident:
+                yield Lease(self, version, resident)
+        finally:
+            self.in_flight -= 1
+
+    def mark_down(self, reason: str) -> None:
+        """The replica stopped answering: skipped until its monitor sees it again, its adapters forgotten."""
+        self.monitor.mark_down(reason)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One request's hold on a member (see ``Member.lease``), through which it is sent."""
+
+    member: Member
+    version: AdapterVersion | None = None
+    resident: Resident | None = None
+
+    async def open(self, endpoint: str, body: bytes) -> httpx.Response:
+        """POST ``body`` to the replica; the response's body is not read yet. An adapter vLLM no longer knows is
+        loaded again and asked once more; a replica that does not accept connections is marked down."""
+        try:
+            return await self._open(endpoint, body)
+        except QuiverError as exc:
+            if unreachable(exc):
+                self.member.mark_down(exc.message)
+            raise
+
+    async def _open(self, endpoint: str, body: bytes) -> httpx.Response:
+        replica = self.member.replica
+        if self.version is None or self.resident is None:
+            return await replica.open(endpoint, body)
+        generation = self.resident.generation
+        try:
+            return await replica.open(endpoint, body)
+        except InvalidRequest as exc:
+            if exc.status_code != 404:
+                raise
+        # vLLM no longer knows the adapter: it restarted since our last health poll. Load it again and
+        # ask once more; nothing has been sent to the client yet.
+        await self.member.residency.reload(self.version, self.resident, generation)
+        return await replica.open(endpoint, body)
 
 
 class ReplicaPool:

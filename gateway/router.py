@@ -158,6 +158,11 @@ class Plan:
     route: str
     steps: tuple[Step, ...]
 
+    @property
+    def first(self) -> Target | None:
+        """The target tried first: the first step not skipped (None when every one was)."""
+        return next((step for step in self.steps if not isinstance(step, Skipped)), None)
+
 
 class Collections(Protocol):
     """The RAG collections the router can send requests to."""

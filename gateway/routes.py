@@ -17,6 +17,7 @@ from gateway.auth import OPEN, Principal, requires
 from gateway.bodies import load_json
 from gateway.deps import Gateway, GatewayDep, gateway_of
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, invalid_request
+from gateway.router import OnFrontier
 
 router = APIRouter()
 _INFERENCE = (INFERENCE,)
@@ -67,16 +68,23 @@ async def _generate(
     payload: dict[str, Any],
     parsed: ChatCompletionRequest | CompletionRequest,
 ) -> Response:
-    """Admit the request against its key's and tenant's limits, then answer it with their headers."""
-    max_n = gateway.settings.max_n
-    if parsed.n is not None and parsed.n > max_n:
-        # Each choice is a generation of its own: n is a multiplier on everything vLLM does for the request.
-        raise InvalidRequest(f"n: at most {max_n} choices per request, got {parsed.n}", param="n")
-    frontier = gateway.router.policy.frontier_for_model(str(payload["model"])) is not None
-    limits = await gateway.limiter.admit(principal, payload, frontier=frontier)
-    response = await gateway.proxy.generate(endpoint, payload, parsed.stream, request.headers, principal)
+    """Plan the request, admit it against its key's and tenant's limits (its prompt counted by the tokenizer of
+    the target it goes to first), then serve it along its plan and answer with the limits' headers."""
+    _check_choices(parsed, gateway.settings.max_n)
+    generation = gateway.proxy.request(endpoint, payload, parsed.stream, principal)
+    plan = await gateway.proxy.plan(generation, request.headers)
+    limits = await gateway.limiter.admit(principal, generation.prompt, frontier=isinstance(plan.first, OnFrontier))
+    response = await gateway.proxy.serve(plan, generation)
     response.headers.update(limits)
     return response
+
+
+def _check_choices(parsed: ChatCompletionRequest | CompletionRequest, max_n: int) -> None:
+    """At most ``max_n`` completions generated per request, whether returned (``n``) or chosen from (``best_of``)."""
+    # Each is a generation of its own: a multiplier on everything vLLM does for the request.
+    for name, value, what in (("n", parsed.n, "choices"), ("best_of", parsed.best_of, "completions to choose from")):
+        if value is not None and value > max_n:
+            raise InvalidRequest(f"{name}: at most {max_n} {what} per request, got {value}", param=name)
 
 
 def _base_name(gateway: Gateway) -> str:

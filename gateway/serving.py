@@ -1,4 +1,5 @@
-"""Serving a generation request: walk the plan, hold the adapter loaded, relay the upstream's bytes.
+"""Serving a generation request: plan it, then walk the plan; for each target, prepare the body (context check,
+RAG), open the upstream request (on a replica, under the member's lease), and reply, plain or streamed.
 
 The upstream's answer is passed through as bytes: a non-streamed body is returned as read, and a
 stream is relayed chunk by chunk as it arrives, never parsed and re-serialized. Only the ``usage``
@@ -16,6 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
@@ -26,7 +28,6 @@ from starlette.types import Receive, Scope, Send
 from core.errors import InvalidRequest, QuiverError, Unavailable, UpstreamTimeout
 from gateway.auth import OPEN, Principal
 from gateway.metrics import Metrics
-from gateway.pool import Member
 from gateway.router import (
     AdapterOnReplica,
     OnFrontier,
@@ -37,7 +38,8 @@ from gateway.router import (
     Skipped,
     Target,
 )
-from gateway.tokens import PromptMeter
+from gateway.tokens import Prompt, PromptMeter
+from gateway.upstream import unreachable
 from gateway.usage import UsageMeter
 
 log = logging.getLogger("quiver.serving")
@@ -100,7 +102,7 @@ def fallback_reason(exc: QuiverError) -> str:
     """The fallback reason a target's failure stands for."""
     if isinstance(exc, UpstreamTimeout):
         return "upstream_timeout"
-    if exc.code in ("upstream_unavailable", "upstream_unreachable"):
+    if unreachable(exc):
         return "upstream_down"
     if isinstance(exc, Unavailable):
         return "overloaded"
@@ -135,8 +137,23 @@ class RagPrompts(Protocol):
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]: ...
 
 
+@dataclass(frozen=True)
+class Generation:
+    """One generation request on its way: the endpoint, the body, the caller, its prompt's counts, when it began."""
+
+    endpoint: str
+    payload: dict[str, Any]
+    stream: bool
+    principal: Principal
+    prompt: Prompt
+    started: float = field(default_factory=time.perf_counter)
+
+
+Sources = list[dict[str, Any]] | None
+
+
 class Proxy:
-    """Forwards OpenAI generation requests along their plan."""
+    """Plans generation requests and serves them along their plan."""
 
     def __init__(
         self,
@@ -152,31 +169,30 @@ class Proxy:
         self.rag = rag
         self.usage = usage
 
-    async def generate(
-        self,
-        endpoint: str,
-        payload: dict[str, Any],
-        stream: bool,
-        headers: Mapping[str, str] | None = None,
-        principal: Principal = OPEN,
-    ) -> Response:
-        """Answer one request for ``principal``; raises a QuiverError when no target could."""
-        started = time.perf_counter()
-        # Unknown model strings are labelled "unknown" so a client cannot blow up label cardinality.
-        model, served = "unknown", "none"
+    def request(self, endpoint: str, payload: dict[str, Any], stream: bool, principal: Principal = OPEN) -> Generation:
+        """A request to plan and serve; its clock starts now."""
+        return Generation(endpoint, payload, stream, principal, self.meter.prompt(payload))
+
+    async def plan(self, request: Generation, headers: Mapping[str, str] | None = None) -> Plan:
+        """The request's plan; a request that has none (its model is unknown) is counted before the error is raised."""
         try:
-            plan = await self.router.plan(route_request(payload, headers or {}, principal))
-            model = plan.model
-            self.metrics.overhead.observe(time.perf_counter() - started)
-            response, served = await self._first_answer(plan, endpoint, payload, stream, started, principal)
-            return response
+            plan = await self.router.plan(route_request(request.payload, headers or {}, request.principal))
         except QuiverError as exc:
-            self._observe_failure(endpoint, model, served, exc.status_code, started, principal)
+            # Unknown model strings are labelled "unknown" so a client cannot blow up label cardinality.
+            self._observe_failure(request, "unknown", exc.status_code)
+            raise
+        self.metrics.overhead.observe(time.perf_counter() - request.started)
+        return plan
+
+    async def serve(self, plan: Plan, request: Generation) -> Response:
+        """The answer of the first step of ``plan`` that can give one; raises a QuiverError when none could."""
+        try:
+            return await self._first_answer(plan, request)
+        except QuiverError as exc:
+            self._observe_failure(request, plan.model, exc.status_code)
             raise
 
-    async def _first_answer(
-        self, plan: Plan, endpoint: str, payload: dict[str, Any], stream: bool, started: float, principal: Principal
-    ) -> tuple[Response, str]:
+    async def _first_answer(self, plan: Plan, request: Generation) -> Response:
         reason: str | None = None
         last: QuiverError | None = None
         for step in plan.steps:
@@ -184,7 +200,7 @@ class Proxy:
                 reason, last = reason or step.reason, step.error
                 continue
             try:
-                response = await self._attempt(step, plan, endpoint, dict(payload), stream, started, principal)
+                response = await self._attempt(step, plan, request)
             except _TargetFailed as failed:
                 log.info("%s could not answer %s (%s): %s", step.served_by, plan.model, failed.reason, failed.error)
                 reason, last = reason or failed.reason, failed.error
@@ -192,116 +208,106 @@ class Proxy:
             if reason is not None:
                 response.headers[FALLBACK_REASON] = reason
                 self.metrics.fallbacks.labels(reason, step.served_by).inc()
-            return response, step.served_by
+            return response
         assert last is not None
         raise last
 
-    async def _attempt(
-        self,
-        target: Target,
-        plan: Plan,
-        endpoint: str,
-        payload: dict[str, Any],
-        stream: bool,
-        started: float,
-        principal: Principal,
-    ) -> Response:
-        context = target.context_tokens
-        overflow = await self.meter.overflow(payload, context, frontier=isinstance(target, OnFrontier))
-        if context is not None and overflow is not None:
-            raise _TargetFailed("context_length", _too_long(payload, context, plan.model, overflow))
-        sources: list[dict[str, Any]] | None = None
-        if isinstance(target, RagOnReplica):
-            assert self.rag is not None  # the router only plans RAG targets when there are collections
-            payload, sources = await self.rag.augment(target.collection, payload, context)
-        payload["model"] = target.upstream_model
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        held = AsyncExitStack()
+    async def _attempt(self, target: Target, plan: Plan, request: Generation) -> Response:
+        """``target``'s answer; _TargetFailed when it cannot give one before anything reached the client."""
+        body, sources = await self._prepare(target, plan, request)
+        held = AsyncExitStack()  # what the answer holds (the lease, the upstream response) until it is relayed
         try:
-            upstream = await self._open(target, endpoint, body, held)
-            headers = {SERVED_BY: target.served_by, ROUTE: plan.route}
-            if target.member is not None:
-                headers[REPLICA] = target.member.name
-            if sources is not None:
-                headers[SOURCES] = json.dumps([_source_header(s) for s in sources], separators=(",", ":"))
-            labels = (endpoint, plan.model, target.served_by)
-            if not stream:
-                try:
-                    content = await target.upstream.read(upstream)
-                finally:
-                    await held.aclose()
-                if sources is not None:
-                    content = _with_sources(content, sources)
-                usage = usage_of(content[-_TAIL_BYTES:])
-                self._observe_success(labels, upstream.status_code, started, usage, principal)
-                return Response(
-                    content,
-                    status_code=upstream.status_code,
-                    headers=headers,
-                    media_type=upstream.headers.get("content-type", "application/json"),
-                )
-            chunks = target.upstream.relay(upstream)
-            held.push_async_callback(chunks.aclose)
-            # The first chunk is read before the response starts, so a failure up to it can still fall back.
-            first = await anext(chunks, b"")
-            self.metrics.ttft.labels(*labels).observe(time.perf_counter() - started)
+            upstream = await self._open(target, request.endpoint, body, held)
+            reply = self._streamed if request.stream else self._plain
+            return await reply(target, plan, request, upstream, held, sources)
         except InvalidRequest:
             await held.aclose()
             raise  # the client's own mistake: no other target would take it better
         except QuiverError as exc:
             await held.aclose()
-            reason = fallback_reason(exc)
-            if reason == "upstream_down" and target.member is not None:
-                target.member.monitor.mark_down(exc.message)
-            raise _TargetFailed(reason, exc) from exc
+            raise _TargetFailed(fallback_reason(exc), exc) from exc
         except BaseException:
             await held.aclose()
             raise
-        return _HeldStream(
-            self._relay(first, chunks, labels, started, principal),
-            held,
-            status_code=upstream.status_code,
-            headers=headers | {"cache-control": "no-cache", "x-accel-buffering": "no"},
-            media_type="text/event-stream",
-        )
+
+    async def _prepare(self, target: Target, plan: Plan, request: Generation) -> tuple[bytes, Sources]:
+        """The body for ``target``: checked against its context, augmented from its collection (RAG), under the
+        upstream's name for the model; and the sources retrieved, if any."""
+        payload = dict(request.payload)
+        context = target.context_tokens
+        overflow = await request.prompt.overflow(context, frontier=isinstance(target, OnFrontier))
+        if context is not None and overflow is not None:
+            raise _TargetFailed("context_length", _too_long(payload, context, plan.model, overflow))
+        sources: Sources = None
+        if isinstance(target, RagOnReplica):
+            assert self.rag is not None  # the router only plans RAG targets when there are collections
+            payload, sources = await self.rag.augment(target.collection, payload, context)
+        payload["model"] = target.upstream_model
+        return json.dumps(payload, separators=(",", ":")).encode(), sources
 
     async def _open(self, target: Target, endpoint: str, body: bytes, held: AsyncExitStack) -> httpx.Response:
+        """Send ``body`` upstream; to a replica under a lease on its member, which ``held`` releases."""
         member = target.member
-        if member is not None:
-            member.in_flight += 1
-            held.callback(self._leave, member)
-        if not isinstance(target, AdapterOnReplica):
+        if member is None:
             return await target.upstream.open(endpoint, body)
-        residency = target.member.residency
+        version = target.version if isinstance(target, AdapterOnReplica) else None
         try:
-            resident = await held.enter_async_context(residency.lease(target.version))
+            lease = await held.enter_async_context(member.lease(version))
         except InvalidRequest:
             raise
         except QuiverError as exc:
             # Loading failed (vLLM refused the files, or no slot came free): the adapter cannot answer here.
             raise _TargetFailed("overloaded" if isinstance(exc, Unavailable) else "adapter_load_failed", exc) from exc
-        generation = resident.generation
-        try:
-            return await target.upstream.open(endpoint, body)
-        except InvalidRequest as exc:
-            if exc.status_code != 404:
-                raise
-        # vLLM no longer knows the adapter: it restarted since our last health poll. Load it
-        # again and retry once; nothing has been sent to the client yet.
-        await residency.reload(target.version, resident, generation)
-        return await target.upstream.open(endpoint, body)
+        return await lease.open(endpoint, body)
 
-    @staticmethod
-    def _leave(member: Member) -> None:
-        member.in_flight -= 1
+    async def _plain(
+        self,
+        target: Target,
+        plan: Plan,
+        request: Generation,
+        upstream: httpx.Response,
+        held: AsyncExitStack,
+        sources: Sources,
+    ) -> Response:
+        """The whole answer, read before the client sees anything (``held`` is released once it is)."""
+        try:
+            content = await target.upstream.read(upstream)
+        finally:
+            await held.aclose()
+        if sources is not None:
+            content = _with_sources(content, sources)
+        labels = (request.endpoint, plan.model, target.served_by)
+        self._observe_success(labels, upstream.status_code, request, usage_of(content[-_TAIL_BYTES:]))
+        media_type = upstream.headers.get("content-type", "application/json")
+        headers = _headers(target, plan, sources)
+        return Response(content, status_code=upstream.status_code, headers=headers, media_type=media_type)
+
+    async def _streamed(
+        self,
+        target: Target,
+        plan: Plan,
+        request: Generation,
+        upstream: httpx.Response,
+        held: AsyncExitStack,
+        sources: Sources,
+    ) -> Response:
+        """The answer relayed as it arrives (the stream takes ``held`` over); its first chunk is read before the
+        response starts, so a failure up to it can still fall back."""
+        chunks = target.upstream.relay(upstream)
+        held.push_async_callback(chunks.aclose)
+        first = await anext(chunks, b"")
+        labels = (request.endpoint, plan.model, target.served_by)
+        self.metrics.ttft.labels(*labels).observe(time.perf_counter() - request.started)
+        return _HeldStream(
+            self._relay(first, chunks, labels, request),
+            held,
+            status_code=upstream.status_code,
+            headers=_headers(target, plan, sources) | {"cache-control": "no-cache", "x-accel-buffering": "no"},
+            media_type="text/event-stream",
+        )
 
     async def _relay(
-        self,
-        first: bytes,
-        chunks: AsyncIterator[bytes],
-        labels: tuple[str, str, str],
-        started: float,
-        principal: Principal,
+        self, first: bytes, chunks: AsyncIterator[bytes], labels: tuple[str, str, str], request: Generation
     ) -> AsyncIterator[bytes]:
         tail = first[-_TAIL_BYTES:]
         status = 200
@@ -317,19 +323,14 @@ class Proxy:
             status = exc.status_code
             yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
         finally:
-            self._observe_success(labels, status, started, usage_of(tail), principal)
+            self._observe_success(labels, status, request, usage_of(tail))
 
     def _observe_success(
-        self,
-        labels: tuple[str, str, str],
-        status: int,
-        started: float,
-        usage: dict[str, Any] | None,
-        principal: Principal,
+        self, labels: tuple[str, str, str], status: int, request: Generation, usage: dict[str, Any] | None
     ) -> None:
         endpoint, model, adapter = labels
         self.metrics.requests.labels(endpoint, model, adapter, str(status)).inc()
-        self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+        self.metrics.latency.labels(*labels).observe(time.perf_counter() - request.started)
         counts = {"prompt": 0, "completion": 0}
         if usage:
             for kind in counts:
@@ -337,18 +338,29 @@ class Proxy:
                 if isinstance(count, int):
                     counts[kind] = count
                     self.metrics.tokens.labels(model, adapter, kind).inc(count)
+        principal = request.principal
         self.metrics.observe_tenant(principal.tenant, adapter, status, counts["prompt"], counts["completion"])
         if self.usage is not None:
             self.usage.record(principal, adapter, status < 400, counts["prompt"], counts["completion"])
 
-    def _observe_failure(
-        self, endpoint: str, model: str, served: str, status: int, started: float, principal: Principal
-    ) -> None:
+    def _observe_failure(self, request: Generation, model: str, status: int) -> None:
+        # No target answered, so the request is counted against none.
+        endpoint, served = request.endpoint, "none"
         self.metrics.requests.labels(endpoint, model, served, str(status)).inc()
-        self.metrics.latency.labels(endpoint, model, served).observe(time.perf_counter() - started)
-        self.metrics.observe_tenant(principal.tenant, served, status)
+        self.metrics.latency.labels(endpoint, model, served).observe(time.perf_counter() - request.started)
+        self.metrics.observe_tenant(request.principal.tenant, served, status)
         if self.usage is not None:
-            self.usage.record(principal, served, False, 0, 0)
+            self.usage.record(request.principal, served, False, 0, 0)
+
+
+def _headers(target: Target, plan: Plan, sources: Sources) -> dict[str, str]:
+    """What the answer says about how it was served: by which target, on which route and replica, from which sources."""
+    headers = {SERVED_BY: target.served_by, ROUTE: plan.route}
+    if target.member is not None:
+        headers[REPLICA] = target.member.name
+    if sources is not None:
+        headers[SOURCES] = json.dumps([_source_header(s) for s in sources], separators=(",", ":"))
+    return headers
 
 
 def _source_header(source: dict[str, Any]) -> dict[str, Any]:

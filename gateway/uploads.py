@@ -46,8 +46,9 @@ def spool(upload: UploadFile, target: Path, limit: int) -> Path:
 
 
 class UploadSlots:
-    """At most ``size`` uploads handled at once: each spools to disk, extracts and hashes. One more is refused
-    with 503 and Retry-After rather than queued, so that waiting uploads hold no connection and no disk."""
+    """At most ``size`` uploads handled at once, adapter archives and training files together: each spools to disk,
+    then is extracted and hashed, or read and checked line by line. One more is refused with 503 and Retry-After
+    rather than queued, so that waiting uploads hold no connection and no disk."""
 
     def __init__(self, size: int, *, retry_after: float = 5.0) -> None:
         self.size = size
@@ -56,10 +57,11 @@ class UploadSlots:
 
     @asynccontextmanager
     async def hold(self, what: str) -> AsyncIterator[None]:
-        """One slot for the duration of the block; Unavailable (503 ``uploads_busy``) when none is free."""
+        """One slot for the duration of the block; Unavailable (503 ``uploads_busy``) when none is free, naming
+        ``what`` was refused ("adapter upload")."""
         if self.busy >= self.size:
             raise Unavailable(
-                f"{self.size} {what} are being handled, the most at once; retry shortly",
+                f"{self.size} uploads are being handled, the most at once; retry the {what} shortly",
                 retry_after=self.retry_after,
                 code="uploads_busy",
             )

@@ -54,6 +54,12 @@ def upstream_error(status: int, body: bytes, label: str = "vLLM") -> QuiverError
     return UpstreamError(f"{label} answered {status}: {message}")
 
 
+def unreachable(exc: QuiverError) -> bool:
+    """Whether ``exc`` says the upstream is not taking requests at all (refused or dropped connections), rather
+    than that it answered badly."""
+    return exc.code in ("upstream_unavailable", "upstream_unreachable")
+
+
 # Sends of one request over pooled connections that turn out dead, before giving up.
 _SEND_ATTEMPTS = 4
 

@@ -21,6 +21,7 @@ from typing import IO
 
 import anyio.to_thread
 
+from core import threads
 from jobs.queue import JobStore
 from jobs.workers import WORKER_MODULE, WorkerConfig, worker_name
 
@@ -74,7 +75,8 @@ class WorkerPool:
         if slot.log_file is None:
             slot.log_file = (self.log_dir / f"fine-tuning-worker-{slot.index}.log").open("ab")
         # The URL travels in the environment so that a database password never shows in `ps`.
-        env = {**os.environ, "QUIVER_DATABASE_URL": self.config.database_url, "PYTHONUNBUFFERED": "1"}
+        # Training uses every core: not the gateway's own thread caps.
+        env = {**threads.uncapped(os.environ), "QUIVER_DATABASE_URL": self.config.database_url, "PYTHONUNBUFFERED": "1"}
         slot.process = subprocess.Popen(
             [sys.executable, "-m", WORKER_MODULE, *self.config.args()],
             env=env,

@@ -1,5 +1,6 @@
 """An OpenAI-shaped upstream that answers at once, to measure the gateway's own cost.
 
+Chat and text completions answer one token, as JSON or, asked with ``"stream": true``, as server-sent events.
 It also speaks vLLM's runtime LoRA API (load, unload, loaded adapters in ``/v1/models``), so the
 gateway can route to registry adapters through it without a model behind it.
 
@@ -12,13 +13,14 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from core import processes
@@ -26,17 +28,43 @@ from core import processes
 MODEL = "instant"
 
 
-def _completion(model: str) -> bytes:
+def _completion(model: str, *, chat: bool = True) -> bytes:
+    choice: dict[str, object] = {"index": 0, "finish_reason": "length"}
+    choice |= {"message": {"role": "assistant", "content": "ok"}} if chat else {"text": "ok"}
     return json.dumps(
         {
-            "id": "chatcmpl-instant",
-            "object": "chat.completion",
+            "id": "chatcmpl-instant" if chat else "cmpl-instant",
+            "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "length"}],
+            "choices": [choice],
             "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
         }
     ).encode()
+
+
+def _events(model: str, *, chat: bool) -> list[bytes]:
+    """The streamed form of ``_completion``: one token, the finish, the usage, then ``[DONE]``."""
+    head = {
+        "id": "chatcmpl-instant" if chat else "cmpl-instant",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+    }
+    token: dict[str, object] = {"delta": {"role": "assistant", "content": "ok"}} if chat else {"text": "ok"}
+    finish: dict[str, object] = {"delta": {}} if chat else {"text": ""}
+    usage = {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}
+    chunks = [
+        head | {"choices": [{"index": 0, "finish_reason": None} | token]},
+        head | {"choices": [{"index": 0, "finish_reason": "length"} | finish]},
+        head | {"choices": [], "usage": usage},
+    ]
+    return [f"data: {json.dumps(c)}\n\n".encode() for c in chunks] + [b"data: [DONE]\n\n"]
+
+
+async def _stream(events: list[bytes]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event
 
 
 def _card(model_id: str, root: str, parent: str | None) -> dict[str, object]:
@@ -44,8 +72,19 @@ def _card(model_id: str, root: str, parent: str | None) -> dict[str, object]:
 
 
 async def chat(request: Request) -> Response:
+    return await _answer(request, chat=True)
+
+
+async def completions(request: Request) -> Response:
+    return await _answer(request, chat=False)
+
+
+async def _answer(request: Request, *, chat: bool) -> Response:
     body = json.loads(await request.body())
-    return Response(_completion(str(body.get("model"))), media_type="application/json")
+    model = str(body.get("model"))
+    if body.get("stream"):
+        return StreamingResponse(_stream(_events(model, chat=chat)), media_type="text/event-stream")
+    return Response(_completion(model, chat=chat), media_type="application/json")
 
 
 async def models(request: Request) -> JSONResponse:
@@ -80,6 +119,7 @@ def create_app() -> Starlette:
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models),
             Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
             Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),

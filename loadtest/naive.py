@@ -364,8 +364,8 @@ def run_standalone(base_dir: Path, out_dir: Path, console: Console, *, adapters:
     import tempfile
 
     from loadtest.bench import start_gateway
-    from loadtest.fixtures import make_adapters
-    from loadtest.routing import push, ready_vllm
+    from loadtest.fixtures import make_adapters, push
+    from loadtest.routing import ready_vllm
 
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="quiver-bench-naive-") as tmp:
         work = Path(tmp)

@@ -13,12 +13,10 @@ pool. Reported: completion tokens/s and time to first token (p50).
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import random
 import re
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core import benchmarks
+from loadtest import fixtures
 from loadtest.bench import start_gateway
 
 PROMPTS = (
@@ -167,25 +166,6 @@ async def compare_targets(
     return await alternate(sides, rounds=rounds, concurrency=concurrency, max_tokens=max_tokens)
 
 
-def _tar_gz(directory: Path) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path in sorted(directory.iterdir()):
-            tar.add(path, arcname=path.name)
-    return buffer.getvalue()
-
-
-def push(gateway_url: str, name: str, directory: Path) -> None:
-    """Upload an adapter directory through the gateway's HTTP API."""
-    response = httpx.post(
-        f"{gateway_url}/v1/adapters",
-        data={"name": name},
-        files={"file": (f"{name}.tar.gz", _tar_gz(directory), "application/gzip")},
-        timeout=300,
-    )
-    response.raise_for_status()
-
-
 def start_vllm(
     stack: ExitStack, model: Path, work: Path, name: str, *, slots: int, rank: int = 8, lora: bool = True,
     extra_args: tuple[str, ...] = (),
@@ -235,7 +215,7 @@ def run_placement(
                 gateways[placement] = start_gateway(stack, ",".join(urls), work, placement, env, data="shared")
         names = [f"bench-{i}" for i in range(len(adapter_dirs))]
         for name, directory in zip(names, adapter_dirs, strict=True):
-            push(gateways["affinity"], name, directory)
+            fixtures.push(gateways["affinity"], name, directory)
         time.sleep(2)  # the round-robin gateway sees the shared registry on its next refresh
         with console.status(f"{rounds} alternating rounds of {requests} Zipf requests over {len(names)} adapters"):
             runs = asyncio.run(

@@ -4,7 +4,7 @@ One vLLM with runtime LoRA (``slots`` adapters loaded at most) serves every gate
 serves the merged model (LoRA off) and starts beside it. Each comparison alternates its sides round by round
 with the same requests, so drift on the machine hits both alike. Sections:
 
-- gateway vs vLLM direct (``loadtest.bench``);
+- the gateway against the floor (the leanest passthrough) and vLLM direct (``loadtest.bench``);
 - adapter vs base and N mixed adapters vs base, through the gateway (completion tokens/s, TTFT);
 - churn: many more registered adapters than slots, Zipf popularity, against the steady mixed load;
 - cold start: push over HTTP -> first streamed token, over 20 adapters;
@@ -37,7 +37,7 @@ from rich.table import Table
 
 from core import benchmarks
 from loadtest import fixtures, routing
-from loadtest.bench import start_gateway
+from loadtest.bench import Workload, start_gateway
 
 TARGET_ADAPTER_VS_BASE = 0.8
 TARGET_MIXED_VS_BASE = 0.7
@@ -143,7 +143,7 @@ def measure_cold_start(gateway: str, adapters: Sequence[tuple[str, Path]], resul
         async with httpx.AsyncClient(base_url=gateway, timeout=600) as client:
             for name, directory in adapters:
                 started = time.perf_counter()
-                await asyncio.to_thread(routing.push, gateway, name, directory)
+                await asyncio.to_thread(fixtures.push, gateway, name, directory)
                 result.cold_push_s.append(time.perf_counter() - started)
                 result.cold_first_token_s.append(await _first_token_s(client, name))
 
@@ -177,9 +177,10 @@ SECTIONS = ("gateway", "serving", "naive", "merged")
 
 def run(
     base_dir: Path, out_dir: Path, console: Console, *, profile: Profile, sections: Sequence[str] = SECTIONS,
-    gpu: bool = False,
+    gpu: bool = False, gateway_workload: Workload = Workload(),  # noqa: B008 - frozen, so one shared default is safe
 ) -> Serving:  # fmt: skip
-    """The vLLM-backed sections in one run; prints each table and records JSON, plots and BENCHMARKS.md."""
+    """The vLLM-backed sections in one run; prints each table and records JSON, plots and BENCHMARKS.md.
+    ``gateway_workload``: how much the gateway section (``loadtest.bench``) sends."""
     from loadtest import bench
 
     result = Serving()
@@ -209,15 +210,15 @@ def run(
                         pool_url=pool.url, merged_url=merged.url,
                     )  # fmt: skip
         if "gateway" in sections:  # before the suite's own gateway starts: the fewest processes beside it
-            with took(console, "gateway vs direct"):
-                bench.run(pool.url, rounds=6, requests=40, out_dir=out_dir, console=console)
+            with took(console, "gateway vs the floor and vLLM direct"):
+                bench.run(pool.url, churn_dirs, out_dir, console, gateway_workload)
         env = {"QUIVER_MAX_LORAS": str(profile.slots), "QUIVER_FINE_TUNING_WORKERS": "0"}
         with took(console, "gateway start"), console.status("Starting the gateway"):
             gateway = start_gateway(stack, pool.url, work, "suite", env)
         names = [f"bench-{i}" for i in range(len(churn_dirs))]
         with console.status(f"Pushing {len(names)} adapters over HTTP"):
             for name, directory in zip(names, churn_dirs, strict=True):
-                routing.push(gateway, name, directory)
+                fixtures.push(gateway, name, directory)
         base_model, steady = pool.served_name, names[: profile.slots]
         asyncio.run(routing.drive(gateway, [base_model, *steady], 1, 4, routing.Run()))
         result.rss_idle = rss_bytes(gateway)

@@ -3,14 +3,18 @@ names), plus the training and placement comparisons when asked."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from core.errors import InvalidRequest
-from quiver.context import console, err, fail
+from quiver.context import console, err, fail, needs
+
+if TYPE_CHECKING:
+    from loadtest.bench import Workload
 
 
 class Benchmark(StrEnum):
@@ -36,16 +40,22 @@ def bench(
     vllm_url: Annotated[
         str | None, typer.Option(help="--only gateway: benchmark against this vLLM instead of starting one.")
     ] = None,
+    gateway_rounds: Annotated[int, typer.Option(min=1, help="Alternating rounds of the gateway section.")] = 6,
+    gateway_scale: Annotated[
+        float, typer.Option(min=0.01, help="The gateway section's requests per round, times this (a short trial: 0.1).")
+    ] = 1.0,
     training_steps: Annotated[int, typer.Option(help="Timed optimizer steps per training run.")] = 3,
     training_rounds: Annotated[int, typer.Option(help="Alternating rounds of the training comparison.")] = 2,
 ) -> None:
-    """Every serving comparison side by side in one run: gateway vs vLLM direct, adapters vs base, churn, cold
-    start, naive transformers + PEFT, merged vs unmerged, registry scale, gateway memory. `--only training`,
-    `--only routing` (affinity vs round-robin over two replicas) and `--only embeddings` (the ONNX embedder vs
-    sentence-transformers) add those comparisons."""
+    """Every serving comparison side by side in one run: the gateway vs the floor and vLLM direct, adapters vs
+    base, churn, cold start, naive transformers + PEFT, merged vs unmerged, registry scale and the gateway's cold
+    start, gateway memory. `--only training`, `--only routing` (affinity vs round-robin over two replicas) and
+    `--only embeddings` (the ONNX embedder vs sentence-transformers) add those comparisons."""
+    needs("quiver bench", "ml", "training", "bench", "vllm")
     from core import embedded
     from core.vllm_server import has_cuda
     from loadtest import suite
+    from loadtest.bench import Workload
 
     # The default run is the serving suite (under 15 minutes on a 2-core CPU); training and placement start
     # processes of their own and run when named.
@@ -58,12 +68,11 @@ def bench(
         fail(InvalidRequest("--gpu: CUDA is not available on this machine", param="gpu"))
     base = base_model or embedded.prepare(console=err)
     profile = suite.GPU_PROFILE if gpu else suite.Profile()
+    workload = replace(Workload(), rounds=gateway_rounds).scaled(gateway_scale)
     if chosen == {Benchmark.gateway} and vllm_url is not None:
-        from loadtest import bench as gateway_bench
-
-        gateway_bench.run(vllm_url, rounds=6, requests=120, out_dir=out, console=console)
+        _bench_gateway(base, vllm_url, out, workload)
     elif served := [s for s in suite.SECTIONS if s in chosen]:
-        suite.run(base, out, console, profile=profile, sections=served, gpu=gpu)
+        suite.run(base, out, console, profile=profile, sections=served, gpu=gpu, gateway_workload=workload)
     if Benchmark.registry in chosen:
         from loadtest import registry_scale
 
@@ -82,6 +91,17 @@ def bench(
 
         with suite.took(console, "embeddings"):
             embeddings.run(out, console)
+
+
+def _bench_gateway(base: Path, vllm_url: str, out: Path, workload: Workload) -> None:
+    import tempfile
+
+    from loadtest import bench, fixtures
+
+    # Rank 8: they fit the LoRA slots of a vLLM started with any --max-lora-rank from 8 up.
+    with tempfile.TemporaryDirectory(prefix="quiver-bench-adapters-") as tmp:
+        adapters = fixtures.make_adapters(base, Path(tmp), workload.adapters, 8, err)
+        bench.run(vllm_url, adapters, out, console, workload)
 
 
 def _bench_placement(base: Path, out: Path, profile: Any) -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from core.errors import QuiverError
 
@@ -66,7 +67,20 @@ def open_database() -> Database:
     return stores.open_database(Settings())
 
 
+def needs(what: str, *extras: str) -> None:
+    """Exit naming the extras to install when this install lacks any of them (``vllm``: either vLLM build);
+    ``what`` (the command) needs them."""
+    from core import extras as installed
+
+    try:
+        installed.require(what, *(e for e in extras if e != "vllm"))
+        if "vllm" in extras:
+            installed.require_vllm(what)
+    except QuiverError as exc:
+        fail(exc)
+
+
 def fail(exc: QuiverError) -> NoReturn:
     """Print the error as the commands do and exit with status 1."""
-    err.print(f"[red]error[/] ({exc.code}): {exc.message}")
+    err.print(f"[red]error[/] ({exc.code}): {escape(exc.message)}")  # a message's [brackets] are not markup
     raise typer.Exit(1)

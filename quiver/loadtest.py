@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from core.errors import QuiverError
-from quiver.context import console, err, fail, served_settings
+from quiver.context import console, err, fail, needs, served_settings
 
 
 def loadtest(
@@ -42,6 +42,7 @@ def loadtest(
     """
     from datetime import datetime
 
+    needs("quiver loadtest", "bench")
     from loadtest import runner
     from loadtest.scenarios import Options
 

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from core.errors import QuiverError
-from quiver.context import console, err, fail, open_registry, served_base_model, served_settings
+from quiver.context import console, err, fail, needs, open_registry, served_base_model, served_settings
 
 if TYPE_CHECKING:
     from adapters.merge import MergeReport
@@ -42,6 +42,7 @@ def merge(
     The merged model is saved only when its greedy tokens match base + adapter on every prompt (logprobs
     within a tolerance); then `quiver deploy merged NAME@vN` can serve it.
     """
+    needs("quiver merge", "ml")
     import torch
 
     from adapters import DeploymentStore
@@ -118,6 +119,9 @@ def deploy_merged(
     from adapters import DeploymentStore
     from core.processes import free_port
     from quiver import deploy
+
+    if url is None:
+        needs("`quiver deploy merged` without --url (it starts vLLM)", "vllm")
 
     settings = served_settings()
     registry = open_registry()

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from quiver.context import console, err
+from core.errors import QuiverError
+from quiver.context import console, err, fail
 
 model_app = typer.Typer(no_args_is_help=True, help="The embedded base model.")
 
@@ -29,6 +30,10 @@ def up(
     max_lora_rank: Annotated[int, typer.Option(envvar="QUIVER_MAX_LORA_RANK")] = 16,
 ) -> None:
     """Start vLLM and the gateway; Ctrl-C stops both."""
+    from core import threads
+
+    # Before numpy and tokenizers load (with the gateway, below); vLLM's process does not inherit the caps.
+    threads.cap()
     from quiver import up as up_module
 
     code = up_module.run(
@@ -56,4 +61,7 @@ def model_prepare(
     """Convert the embedded model and export the embeddings (auto, RAG) to ONNX once (cached); print the model path."""
     from core import embedded, embedding_export
 
-    print(embedding_export.prepare(console=err) if embeddings_only else embedded.prepare(console=err))
+    try:
+        print(embedding_export.prepare(console=err) if embeddings_only else embedded.prepare(console=err))
+    except QuiverError as exc:
+        fail(exc)

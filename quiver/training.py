@@ -11,7 +11,7 @@ import typer
 
 from core.errors import QuiverError
 from quiver.adapters import adapters_push
-from quiver.context import console, err, fail, open_registry, served_settings
+from quiver.context import console, err, fail, needs, open_registry, served_settings
 
 if TYPE_CHECKING:
     from training.config import Method, PeftMethod
@@ -43,6 +43,7 @@ def train(
     push: Annotated[bool, typer.Option(help="Register the adapter as a new version of NAME.")] = False,
 ) -> None:
     """Train a LoRA/QLoRA adapter with TRL + PEFT (SFT or DPO) and optionally push it."""
+    needs("quiver train", "ml", "training")
     from core import embedded
     from training.config import TrainConfig
     from training.train import train as run_training
@@ -102,6 +103,7 @@ def eval_(
     output: Annotated[Path | None, typer.Option(dir_okay=False, help="Also write the JSON report here.")] = None,
 ) -> None:
     """Score an adapter and three baselines (base + prompt, few-shot, RAG) on a test set, through the gateway."""
+    needs("quiver eval", "ml", "training")
     from training.eval import TaskSpec, evaluate, report_table
 
     settings = served_settings()
@@ -133,6 +135,7 @@ def demo(
     output: Annotated[Path, typer.Option(help="Runs directory for the data and the adapter.")] = Path("runs"),
 ) -> None:
     """Train the demo adapter (support triage) on this machine, evaluate it against the baselines, push it."""
+    needs("quiver demo", "ml", "training")
     from core import embedded
     from quiver import demo as demo_module
 

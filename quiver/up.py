@@ -13,13 +13,14 @@ import httpx
 import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
-from core import embedded
+from core import embedded, extras
 from core.embeddings import export_dir
 from core.errors import QuiverError
 from core.processes import port_in_use
 from core.vllm_server import VllmServer
-from gateway import Settings, create_app
+from gateway import Settings, create_app, server_config
 from gateway.observability import configure_logging
 
 
@@ -148,7 +149,11 @@ def run(
                     raise UpFailed(f"could not ask vLLM at {first} what it serves: {exc!r}") from None
             base_path = Path(root) if root and (Path(root) / "config.json").is_file() else None
         else:
-            model_path = model or str(embedded.prepare(console=console))
+            try:
+                extras.require_vllm("`quiver up` without --vllm-url (it starts vLLM)")
+                model_path = model or str(embedded.prepare(console=console))
+            except QuiverError as exc:  # a gateway-only install: no vLLM, nor the ML stack to convert the model
+                raise UpFailed(exc.message) from None
             base = embedded.SERVED_NAME if model is None else _served_name(model_path)
             base_path = Path(model_path) if (Path(model_path) / "config.json").is_file() else None
             server = VllmServer(
@@ -172,7 +177,7 @@ def run(
     except KeyboardInterrupt:
         return 0
     except UpFailed as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")
         return 1
     finally:
         if server is not None:
@@ -183,15 +188,7 @@ def run(
 
 def _serve(settings: Settings, base: str, console: Console, started: float) -> int:
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        log_level=settings.log_level,
-        access_log=False,
-    )
+    config = server_config(app, settings, loop="uvloop", http="httptools")
     gateway = uvicorn.Server(config)
     original_startup = gateway.startup
 

@@ -17,14 +17,15 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   flavour=cpu
 fi
-# Training is part of serving: the gateway runs the fine-tuning workers, and `quiver eval` embeds.
-extras="$flavour,training"
-[ "$want" = dev ] && extras="$flavour,training,dev"
+# Everything: vLLM and the ML stack (`cpu`/`gpu` bring `ml`), training (the gateway runs the fine-tuning workers,
+# and `quiver eval` embeds), and the load tests. The base install alone is the gateway (no torch).
+extras="$flavour,training,bench"
+[ "$want" = dev ] && extras="$flavour,training,bench,dev"
 
 # The stamp names what was installed from which pyproject.toml; anything else means reinstall.
 key="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)"
 stamp="$venv/.quiver-$extras-$key"
-if [ -f "$stamp" ] || { [ "$want" = runtime ] && [ -f "$venv/.quiver-$flavour,training,dev-$key" ]; }; then
+if [ -f "$stamp" ] || { [ "$want" = runtime ] && [ -f "$venv/.quiver-$extras,dev-$key" ]; }; then
   exit 0
 fi
 

@@ -17,24 +17,16 @@ import uvicorn
 from core import embedded, processes
 from core.processes import ChildProcess, free_port
 from core.vllm_server import VllmServer
-from gateway import Settings, create_app
+from gateway import Settings, create_app, server_config
 
 
 class GatewayServer:
     """A gateway served by uvicorn in a background thread, reachable over real HTTP."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, log_level: str = "warning") -> None:
         self.settings = settings.model_copy(update={"port": free_port(), "host": "127.0.0.1"})
         self.app = create_app(self.settings)
-        config = uvicorn.Config(
-            self.app,
-            host="127.0.0.1",
-            port=self.settings.port,
-            log_level="warning",
-            loop="asyncio",
-            http="h11",
-            lifespan="on",
-        )
+        config = server_config(self.app, self.settings, log_level=log_level, loop="asyncio", http="h11", lifespan="on")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)
 

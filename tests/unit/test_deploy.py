@@ -68,6 +68,25 @@ def test_every_rendered_manifest_is_valid_kubernetes(values: dict[str, Any]) -> 
     assert report["errors"] == [] and all(m["severity"] < 3 for m in report["messages"]), report
 
 
+def test_the_gateway_runs_the_gateway_image_and_the_rest_the_full_one() -> None:
+    docs = render(EVERYTHING)
+    images = {
+        d["metadata"]["name"]: [c["image"] for c in d["spec"]["template"]["spec"]["containers"]]
+        for d in docs
+        if d["kind"] in {"Deployment", "StatefulSet", "Job"}
+    }
+    assert images.pop("quiver-gateway") == ["quiver:gateway"]
+    assert images and all(found == ["quiver:cuda"] for found in images.values()), images
+    gateway = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "quiver-gateway")
+    [container] = gateway["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["quiver", "up"]
+    # No worker beside it: new fine-tuning jobs are refused (501), not queued for workers the chart does not run.
+    assert "QUIVER_FINE_TUNING_WORKERS" not in env_of(container)
+    changed = render({**MINIMAL, "gateway": {"image": {"repository": "registry.example/quiver", "tag": "gw-1"}}})
+    gateway = next(d for d in by_kind(changed, "Deployment") if d["metadata"]["name"] == "quiver-gateway")
+    assert gateway["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/quiver:gw-1"
+
+
 def test_the_chart_has_every_part_a_cluster_needs() -> None:
     docs = render(EVERYTHING)
     [vllm] = by_kind(docs, "StatefulSet")
@@ -111,10 +130,24 @@ def test_chart_settings_paths_and_ports_agree_with_the_code() -> None:
 def test_compose_wires_the_stack_with_settings_the_code_reads() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"vllm", "gateway", "postgres", "redis", "prometheus", "grafana"}
+    assert set(services) == {"vllm", "gateway", "worker", "postgres", "redis", "prometheus", "grafana"}
     gateway = services["gateway"]
     env = gateway["environment"]
     assert {k for k in env if k.startswith("QUIVER_")} <= settings_variables()
+    # The gateway image has no torch: the worker (full image) trains the jobs the gateway queues, from its data dir.
+    worker = services["worker"]
+    assert (gateway["image"], worker["image"], services["vllm"]["image"]) == (
+        "quiver:gateway",
+        "quiver:cpu",
+        "quiver:cpu",
+    )
+    assert env["QUIVER_FINE_TUNING_WORKERS"] == "0"
+    data = next(v for v in gateway["volumes"] if v.endswith(f":{env['QUIVER_DATA_DIR']}"))
+    assert data in worker["volumes"] and f"adapters:{env['QUIVER_STORE_DIR']}" in worker["volumes"]
+    assert worker["environment"]["QUIVER_DATABASE_URL"] == env["QUIVER_DATABASE_URL"]
+    worker_command = worker["command"][-1]
+    assert "python -m training.worker" in worker_command
+    assert f"--data-dir {env['QUIVER_DATA_DIR']} --store-dir {env['QUIVER_STORE_DIR']}" in worker_command
     vllm_port = re.search(r"--port (\d+)", services["vllm"]["command"][-1])
     assert vllm_port is not None
     assert f"http://vllm:{vllm_port.group(1)}" in gateway["command"]
@@ -132,6 +165,7 @@ def test_compose_wires_the_stack_with_settings_the_code_reads() -> None:
     assert "8000:8000" in gateway["ports"] and "--port" in gateway["command"]
     # The vLLM service finds the model directory with a snippet of Python: it must run against this code.
     [snippet] = re.findall(r"python -c '([^']+)'", services["vllm"]["command"][-1])
+    assert re.findall(r"python -c '([^']+)'", worker_command) == [snippet]
     printed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout.strip() == str(embedded.model_dir())
@@ -150,9 +184,44 @@ def test_the_dashboard_only_charts_metrics_the_gateway_exports() -> None:
     assert {"quiver_rate_limited_total", "quiver_gateway_overhead_seconds_bucket"} <= used
 
 
-def test_the_dockerfile_has_cpu_and_cuda_targets() -> None:
-    stages = re.findall(r"^FROM \S+ AS (\w+)", (DEPLOY / "Dockerfile").read_text(), flags=re.MULTILINE)
-    assert {"cpu", "cuda"} <= set(stages)
+def dockerfile_stages() -> dict[str, list[str]]:
+    """Each stage of deploy/Dockerfile by name: its FROM line and the instructions after it, continuations joined."""
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    stages: dict[str, list[str]] = {}
+    lines: list[str] = []
+    for line in text.splitlines():
+        named = re.match(r"^FROM \S+ AS (\w+)", line)
+        if named:
+            lines = stages[named.group(1)] = [line]
+        elif line.strip() and not line.startswith("#"):
+            lines.append(line)
+    return stages
+
+
+def test_the_dockerfile_has_cpu_cuda_and_gateway_targets() -> None:
+    assert {"cpu", "cuda", "gateway"} <= set(dockerfile_stages())
+
+
+def test_the_gateway_image_is_the_base_install_with_the_full_installs_model_cache() -> None:
+    """No container engine runs here, so the image is not built: this reads what the stage would do."""
+    stages = dockerfile_stages()
+    gateway = stages["gateway"]
+    assert gateway[0] == "FROM base AS gateway"
+    [install] = [line for line in gateway if "pip install" in line]
+    assert re.search(r"pip install \.(\s|$)", install), "the base install, no extras"
+    assert '! python -c "import torch"' in install, "the build fails if torch came along"
+    [cache] = [line for line in gateway if line.startswith("COPY --from=")]
+    # The model files (and the embedder's export) `quiver model prepare` made in the full install, at the same path.
+    cpu = " ".join(stages["cpu"])
+    assert "quiver model prepare" in cpu and ".[cpu,training]" in cpu
+    assert cache == "COPY --from=cpu /opt/quiver-cache /opt/quiver-cache"
+    assert "QUIVER_CACHE_DIR=/opt/quiver-cache" in " ".join(stages["base"])
+    assert gateway[-1] == 'CMD ["quiver", "up", "--vllm-url", "http://vllm:8001"]'
+    # The extras the full stages install exist.
+    optional = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for stage, extras in (("cpu", "cpu,training"), ("cuda", "gpu,training")):
+        assert f".[{extras}]" in " ".join(stages[stage])
+        assert set(extras.split(",")) <= set(optional)
 
 
 def test_the_image_copies_every_package() -> None:

@@ -207,21 +207,22 @@ async def test_models_list_and_cards_follow_every_registry_change(tmp_path: Path
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
-async def test_n_is_capped_per_request(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("param", "what"), [("n", "choices"), ("best_of", "completions to choose from")])
+async def test_n_and_best_of_are_capped_per_request(param: str, what: str, tmp_path: Path) -> None:
     fake = RestartingVllm()
     app = create_app(_settings(tmp_path, max_n=4), transport=httpx.MockTransport(fake))
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     async for client in _client(app):
         for endpoint, body in (("/v1/chat/completions", chat), ("/v1/completions", {"model": "m", "prompt": "hi"})):
-            refused = await client.post(endpoint, json=body | {"n": 1000})
+            refused = await client.post(endpoint, json=body | {param: 1000})
             assert refused.status_code == 400
             assert refused.json()["error"] == {
-                "message": "n: at most 4 choices per request, got 1000",
+                "message": f"{param}: at most 4 {what} per request, got 1000",
                 "type": "invalid_request_error",
-                "param": "n",
+                "param": param,
                 "code": "invalid_request",
             }
-            assert (await client.post(endpoint, json=body | {"n": 4})).status_code == 200
+            assert (await client.post(endpoint, json=body | {param: 4})).status_code == 200
 
 
 class ShortContextVllm(RestartingVllm):

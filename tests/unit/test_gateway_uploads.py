@@ -72,7 +72,7 @@ async def test_uploads_past_the_bound_are_503_with_retry_after(tmp_path: Path, t
         busy = await client.post("/v1/adapters", content=body, headers=headers)
         assert busy.status_code == 503
         assert busy.json()["error"] == {
-            "message": "1 adapter uploads are being handled, the most at once; retry shortly",
+            "message": "1 uploads are being handled, the most at once; retry the adapter upload shortly",
             "type": "service_unavailable",
             "param": None,
             "code": "uploads_busy",
@@ -82,3 +82,35 @@ async def test_uploads_past_the_bound_are_503_with_retry_after(tmp_path: Path, t
         assert (await first).status_code == 201
         # The slot is free again: the same content is already registered.
         assert (await client.post("/v1/adapters", content=body, headers=headers)).status_code == 200
+
+
+def _form(path: str, data: dict[str, str], file: tuple[str, bytes]) -> tuple[bytes, dict[str, str]]:
+    """A multipart body and the headers that declare it."""
+    form = httpx.Request("POST", f"http://gateway{path}", data=data, files={"file": file})
+    body = form.read()
+    return body, {"content-type": form.headers["content-type"], "content-length": str(len(body))}
+
+
+async def test_training_file_uploads_count_against_the_same_bound(tmp_path: Path) -> None:
+    training, training_headers = _form("/v1/files", {"purpose": "fine-tune"}, ("train.jsonl", factories.chat_jsonl(4)))
+    archive, archive_headers = _form("/v1/adapters", {"name": "a"}, ("a.tgz", b"never read: refused before"))
+    app = create_app(_settings(tmp_path, max_concurrent_uploads=1), transport=httpx.MockTransport(RestartingVllm()))
+    async for client in _client(app):
+        held = _Held(training)
+        first = asyncio.create_task(client.post("/v1/files", content=held, headers=training_headers))
+        await held.started.wait()  # a training file holds the one slot while its body arrives
+        for path, body, headers, what in (
+            ("/v1/files", training, training_headers, "training file upload"),
+            ("/v1/adapters", archive, archive_headers, "adapter upload"),
+        ):
+            busy = await client.post(path, content=body, headers=headers)
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "5"
+            assert busy.json()["error"]["code"] == "uploads_busy"
+            assert (
+                busy.json()["error"]["message"]
+                == f"1 uploads are being handled, the most at once; retry the {what} shortly"
+            )
+        held.release.set()
+        assert (await first).status_code == 200
+        # The slot is free again.
+        assert (await client.post("/v1/files", content=training, headers=training_headers)).status_code == 200

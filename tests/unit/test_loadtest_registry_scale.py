@@ -59,3 +59,13 @@ def test_the_report_marks_each_latency_against_the_target() -> None:
     text = registry_scale.markdown(result, datetime(2026, 1, 2, tzinfo=UTC))
     assert "**125 s (80 versions/s)**" in text
     assert "| fast | 10 | 2.00 ms | 2.00 ms | 0 | met (< 20 ms) |" in text and "**missed**" in text
+
+
+def test_the_cold_start_is_a_verdict_of_its_own_on_the_median_start() -> None:
+    fast = registry_scale.latency("fast", Sample([0.002] * 10, 0.02, 0))
+    result = registry_scale.Result(100, 100, 2, 125.0, 0.2, [fast], cold_start_s=[1.2, 2.9, 1.4])
+
+    [_, cold] = registry_scale.verdicts(result)
+    assert cold.measured == "1.40 s (each: 1.20, 2.90, 1.40)" and cold.met and "10,000 versions" in cold.comparison
+    assert not registry_scale.verdicts(registry_scale.Result(100, 100, 2, 125.0, 0.2, [fast], [1.6]))[1].met
+    assert "median **1.40 s**" in registry_scale.markdown(result, datetime(2026, 1, 2, tzinfo=UTC))

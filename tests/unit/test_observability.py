@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from core.processes import free_port
 from gateway import create_app
 from gateway.observability import Tracing, configure_logging
+from tests.servers import GatewayServer
 from tests.unit.test_access import CHAT, _client
 from tests.unit.test_gateway_app import COMPLETION, _settings
 
@@ -90,6 +93,57 @@ async def test_json_logs_carry_the_request_id(tmp_path: Path, restore_logging: N
     assert len(access) == 1
     assert access[0]["status"] == 200 and access[0]["level"] == "INFO" and access[0]["duration_ms"] >= 0
     assert {"time", "message"} <= access[0].keys()
+
+
+class _Threads(logging.Handler):
+    """Notes the request id of each record it writes, and the thread that wrote it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.written.append((getattr(record, "request_id", "-"), threading.current_thread().name))
+
+
+async def test_access_lines_are_written_by_a_thread_not_the_event_loop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="quiver.access")
+    threads = _Threads()
+    access = logging.getLogger("quiver.access")
+    access.addHandler(threads)
+    try:
+        app = create_app(_settings(tmp_path), transport=httpx.MockTransport(RecordingVllm()))
+        async for client in _client(app):
+            for rid in ("t-1", "t-2"):
+                await client.post("/v1/chat/completions", json=CHAT | {"model": "m"}, headers={"x-request-id": rid})
+            loop_thread = threading.current_thread().name
+    finally:
+        access.removeHandler(threads)
+    # Both written by the time the lifespan ended, neither on the event loop's thread.
+    assert [rid for rid, _ in threads.written] == ["t-1", "t-2"]
+    assert all(thread != loop_thread for _, thread in threads.written)
+
+
+def test_a_served_request_makes_one_access_line_and_none_from_uvicorn(tmp_path: Path, restore_logging: None) -> None:
+    out = io.StringIO()
+    # No vLLM behind it: the models list needs none. uvicorn logs at info, as `quiver up` runs it.
+    server = GatewayServer(_settings(tmp_path, vllm_url=f"http://127.0.0.1:{free_port()}"), log_level="info")
+    configure_logging("json", "info", stream=out)  # after uvicorn configured its loggers, as `quiver up` does
+    server.start()
+    try:
+        answer = httpx.get(f"{server.url}/v1/models", headers={"x-request-id": "one-line"})
+        assert answer.status_code == 200
+    finally:
+        server.stop()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    mine = [line for line in lines if line["request_id"] == "one-line"]
+    assert [(line["logger"], line["message"], line.get("status")) for line in mine] == [
+        ("quiver.access", "GET /v1/models 200", 200)
+    ]
+    assert [line for line in lines if line["logger"] == "uvicorn.access"] == []
+    assert any(line["logger"] == "uvicorn.error" for line in lines), "uvicorn's own lines still reach the log"
 
 
 async def test_traces_cross_from_the_gateway_to_the_upstream(tmp_path: Path) -> None:

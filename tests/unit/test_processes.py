@@ -118,3 +118,32 @@ def test_a_process_dies_with_its_parent_unless_detached(tmp_path: Path, detach: 
         assert not processes.alive(child)
     else:
         wait_until(lambda: not processes.alive(child), timeout_s=10, what="the child to die with its parent")
+
+
+def test_a_stat_line_is_split_after_the_command_name_whatever_it_holds() -> None:
+    # A command name may hold spaces and parentheses: only the last ")" ends it.
+    line = (
+        "4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 120 0 0 0 250 75 0 0 20 0 3 0 100 123456 2048 18446744073709551615"
+    )
+    fields = processes.stat_fields(line)
+    assert fields[0] == "S" and (fields[11], fields[12]) == ("250", "75") and fields[21] == "2048"
+
+
+def test_cpu_time_is_counted_for_a_process_that_spins(tmp_path: Path) -> None:
+    process = processes.start(WHAT, python("while True: pass"), tmp_path / "spin.log")
+    try:
+        process.wait_ready(lambda: processes.cpu_seconds(process.pid) >= 0.2, 60, condition="0.2 s of CPU used")
+    finally:
+        process.stop(grace_s=5)
+    with pytest.raises(ProcessLookupError):
+        processes.cpu_seconds(process.pid)
+
+
+def test_resident_memory_counts_the_pages_a_process_wrote(tmp_path: Path) -> None:
+    code = "import time; block = b'x' * (96 << 20); print('written', flush=True); time.sleep(60)"
+    process = processes.start(WHAT, python(code), tmp_path / "memory.log")
+    try:
+        logged(process, "written")
+        assert processes.rss_bytes(process.pid) >= 96 << 20
+    finally:
+        process.stop(grace_s=5)

@@ -21,6 +21,8 @@ from gateway.tokens import PromptMeter
 from tests.redis import RedisServer, redis_server  # noqa: F401 - a fixture, used by name
 from tests.unit.test_access import CHAT, _auth, _client
 from tests.unit.test_gateway_app import RestartingVllm, _settings, keys_of
+from tests.unit.test_gateway_routing import Upstreams
+from tests.unit.test_gateway_routing import _settings as routing_settings
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0.25, "250ms"), (1.0, "1s"), (59.2, "1m0s"), (361, "6m1s")])
@@ -82,26 +84,28 @@ async def test_a_tenants_token_limit_is_shared_by_its_keys_and_refusals_cost_not
 
 async def test_two_gateways_share_a_limit_through_redis(redis_server: RedisServer) -> None:  # noqa: F811
     principal = Principal("k1", "acme", frozenset({INFERENCE}), key_limits=Limits(requests_per_min=3))
-    gateways = [RateLimiter.create(redis_server.url, PromptMeter(None), Metrics()) for _ in range(2)]
-    payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    gateways = [RateLimiter.create(redis_server.url, Metrics()) for _ in range(2)]
+    prompt = PromptMeter(None).prompt({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     admitted = []
     for i in range(3):
-        admitted.append(await gateways[i % 2].admit(principal, payload, frontier=False))
+        admitted.append(await gateways[i % 2].admit(principal, prompt, frontier=False))
     assert [h["x-ratelimit-remaining-requests"] for h in admitted] == ["2", "1", "0"]
     for limiter in gateways:
         with pytest.raises(RateLimited, match="key requests 3 per minute"):
-            await limiter.admit(principal, payload, frontier=False)
+            await limiter.admit(principal, prompt, frontier=False)
     # Another key of the same tenant is not affected: limits are per key here.
     other = Principal("k2", "acme", frozenset({INFERENCE}), key_limits=Limits(requests_per_min=3))
-    assert (await gateways[0].admit(other, payload, frontier=False))["x-ratelimit-remaining-requests"] == "2"
+    assert (await gateways[0].admit(other, prompt, frontier=False))["x-ratelimit-remaining-requests"] == "2"
     for limiter in gateways:
         await limiter.aclose()
 
 
 async def test_no_limits_cost_nothing_and_send_no_headers() -> None:
     principal = Principal("k", "acme", frozenset({INFERENCE}))
-    limiter = RateLimiter.create(None, PromptMeter(None), Metrics())
-    assert await limiter.admit(principal, {"model": "m", "messages": []}, frontier=False) == {}
+    limiter = RateLimiter.create(None, Metrics())
+    assert (
+        await limiter.admit(principal, PromptMeter(None).prompt({"model": "m", "messages": []}), frontier=False) == {}
+    )
 
 
 async def test_token_limits_count_the_prompt_with_the_models_tokenizer_or_tiktoken(base_model_dir: Path) -> None:
@@ -118,15 +122,15 @@ async def test_token_limits_count_the_prompt_with_the_models_tokenizer_or_tiktok
     # OpenAI's chat estimate: 3 tokens of framing per message and 3 to prime the reply.
     frontier = 3 + len(tiktoken.get_encoding(FRONTIER_ENCODING).encode(messages[0]["content"])) + 3
     assert len(ids) != frontier  # the two counts differ, so the test tells which one was charged
-    limiter = RateLimiter.create(None, PromptMeter(base_model_dir), Metrics())
+    limiter, meter = RateLimiter.create(None, Metrics()), PromptMeter(base_model_dir)
     for tenant, on_frontier, prompt_tokens in (("acme", False, len(ids)), ("globex", True, frontier)):
         principal = Principal(f"k-{tenant}", tenant, frozenset({INFERENCE}), key_limits=Limits(tokens_per_min=1000))
-        headers = await limiter.admit(principal, payload, frontier=on_frontier)
+        headers = await limiter.admit(principal, meter.prompt(payload), frontier=on_frontier)
         assert headers["x-ratelimit-remaining-tokens"] == str(1000 - prompt_tokens - 50)
     await limiter.aclose()
 
 
-async def test_each_of_n_choices_is_charged_its_max_tokens(tmp_path: Path) -> None:
+async def test_each_of_n_or_best_of_completions_is_charged_its_max_tokens(tmp_path: Path) -> None:
     app = create_app(_settings(tmp_path), transport=httpx.MockTransport(RestartingVllm()))
     async for client in _client(app):
         database = Database.open(app.state.gateway.settings.registry_url)  # beside the app, as `quiver keys` writes
@@ -140,3 +144,51 @@ async def test_each_of_n_choices_is_charged_its_max_tokens(tmp_path: Path) -> No
         assert ok.status_code == 200 and ok.headers["x-ratelimit-remaining-tokens"] == str(1000 - 266)
         many = await client.post("/v1/chat/completions", json=body | {"n": 16, "max_tokens": 60}, headers=_auth(token))
         assert many.status_code == 429 and "needs 1026 tokens" in many.json()["error"]["message"]
+        # best_of makes vLLM generate that many and return the best n: each of those is charged its max_tokens.
+        best_of = body | {"n": 2, "best_of": 15, "max_tokens": 70}  # 66 + 15 x 70
+        best = await client.post("/v1/chat/completions", json=best_of, headers=_auth(token))
+        assert best.status_code == 429 and "needs 1116 tokens" in best.json()["error"]["message"]
+
+
+class _RefusingVllm(Upstreams):
+    """vLLM refuses every connection (it is down); the frontier answers."""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == "vllm":
+            raise httpx.ConnectError("connection refused")
+        return super().__call__(request)
+
+
+_TO_FRONTIER = '[[rules]]\nname = "big"\nmatch = { header = { "x-quiver-route" = "big" } }\nmodel = "frontier:f"\n'
+
+
+@pytest.mark.parametrize(
+    ("routing", "upstreams", "headers", "reason"),
+    [(_TO_FRONTIER, Upstreams, {"x-quiver-route": "big"}, None), ("", _RefusingVllm, {}, "no_healthy_replica")],
+    ids=["rule", "fallback"],
+)
+async def test_a_request_planned_first_to_a_frontier_is_charged_the_frontiers_count(
+    routing: str, upstreams: type[Upstreams], headers: dict[str, str], reason: str | None, tmp_path: Path
+) -> None:
+    import tiktoken
+
+    from gateway.tokens import FRONTIER_ENCODING
+
+    body = CHAT | {"model": "m", "max_tokens": 4}  # the base model's name: nothing in it says "frontier"
+    # OpenAI's chat estimate with tiktoken: 3 tokens of framing per message and 3 to prime the reply.
+    on_frontier = 3 + len(tiktoken.get_encoding(FRONTIER_ENCODING).encode("hi")) + 3
+    on_base = PromptMeter.bound(body)  # no base tokenizer here: the byte bound, 66
+    assert on_frontier != on_base
+    app = create_app(routing_settings(tmp_path, routing), transport=httpx.MockTransport(upstreams()))
+    async for client in _client(app):
+        with keys_of(app) as keys:
+            token = keys.create_key("acme", [INFERENCE], tokens_per_min=1000).token
+        await app.state.gateway.registry.refresh()
+        answer = await client.post("/v1/chat/completions", json=body, headers=_auth(token) | headers)
+        assert answer.status_code == 200 and answer.headers["x-quiver-served-by"] == "frontier:f"
+        assert answer.headers.get("x-quiver-fallback-reason") == reason
+        assert answer.headers["x-ratelimit-remaining-tokens"] == str(1000 - on_frontier - 4)
+        if not reason:  # the same request without the rule's header goes to the base model, and is counted so
+            answer = await client.post("/v1/chat/completions", json=body, headers=_auth(token))
+            assert answer.headers["x-quiver-served-by"] == "m"
+            assert answer.headers["x-ratelimit-remaining-tokens"] == str(1000 - on_frontier - 4 - on_base - 4)

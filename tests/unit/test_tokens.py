@@ -178,6 +178,23 @@ async def test_what_cannot_fit_is_refused_without_tokenizing(base_model_dir: Pat
     assert not await meter.fits({"messages": [{"role": "user", "content": huge}]}, 128_000, frontier=True)
 
 
+async def test_the_count_the_rate_limits_charge_is_the_one_the_context_checks_read(base_model_dir: Path) -> None:
+    loaded = ModelTokenizer.load(base_model_dir)
+    recording = _Recording(Tokenizer.from_file(str(base_model_dir / "tokenizer.json")))
+    meter = PromptMeter(base_model_dir)
+    meter._tokenizer = ModelTokenizer(recording, loaded.template, loaded.longest_token_bytes)  # type: ignore[arg-type]
+    payload = {"messages": [{"role": "user", "content": "word " * 300}], "max_tokens": 10}
+    prompt = meter.prompt(payload)
+    charged = await prompt.tokens(frontier=False)
+    assert len(recording.encoded) == 1
+    assert PromptMeter.bound(payload) > charged + 10  # the byte bound alone settles none of the checks below
+    # Every context check of the request (one per target tried) reads the same count: nothing is tokenized again.
+    assert await prompt.overflow(charged + 10, frontier=False) is None
+    assert await prompt.overflow(charged + 9, frontier=False) == "completion"
+    assert await prompt.overflow(charged - 1, frontier=False) == "prompt"
+    assert len(recording.encoded) == 1
+
+
 def _tokenizer_spec(base_model_dir: Path) -> dict[str, Any]:
     return dict(json.loads((base_model_dir / "tokenizer.json").read_text()))
 

@@ -19,25 +19,9 @@ import torch
 
 from core.embeddings import Embedder
 from tests import factories as f
+from tests import import_guard
 
 REPO = Path(__file__).resolve().parents[2]
-FORBIDDEN = ("torch", "transformers", "peft", "trl", "sentence_transformers")
-
-GUARD = textwrap.dedent(
-    f"""
-    import sys
-
-    FORBIDDEN = {FORBIDDEN!r}
-
-    class Forbid:
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in FORBIDDEN:
-                raise ImportError(f"{{name}} imported in a process that must not import it")
-            return None
-
-    sys.meta_path.insert(0, Forbid())
-    """
-)
 
 # Both bases' specs; the adapters validated against the tiny one and pushed to a registry on it.
 PUSH = textwrap.dedent(
@@ -134,10 +118,11 @@ EMBED = textwrap.dedent(
 )
 
 
-def run_guarded(code: str, *args: Path | str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter, after the import guard."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-c", GUARD + code, *map(str, args)]
+def run_guarded(code: str, *args: Path | str, log: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter started with the import guard, which logs refused imports to ``log``."""
+    env = import_guard.environment(log, {**os.environ, "PYTHONPATH": str(REPO)})
+    prelude = f"import sys\nFORBIDDEN = {import_guard.FORBIDDEN!r}\n"
+    command = [sys.executable, "-c", prelude + code, *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -147,10 +132,13 @@ def last_json_line(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return result
 
 
-def test_the_guard_refuses_torch() -> None:
-    done = run_guarded("import transformers")
+def test_the_guard_refuses_torch_and_logs_the_attempt(tmp_path: Path) -> None:
+    log = tmp_path / "refused.log"
+    done = run_guarded("import transformers", log=log)
     assert done.returncode == 1
     assert "transformers imported in a process that must not import it" in done.stderr
+    [attempt] = import_guard.attempts(log)
+    assert attempt.startswith("refused import of transformers in pid ") and '"<string>", line 3' in attempt
 
 
 def test_base_spec_validation_and_push_run_without_torch(
@@ -160,9 +148,11 @@ def test_base_spec_validation_and_push_run_without_torch(
     bf16 = f.with_dtype(f.copy_adapter(fp32, tmp_path / "bf16"), torch.bfloat16)
     (tmp_path / "work").mkdir()
 
-    result = last_json_line(run_guarded(PUSH, tiny_llama_dir, base_model_dir, tmp_path / "work", fp32, bf16))
+    log = tmp_path / "refused.log"
+    guarded = run_guarded(PUSH, tiny_llama_dir, base_model_dir, tmp_path / "work", fp32, bf16, log=log)
+    result = last_json_line(guarded)
 
-    assert result["loaded"] == []
+    assert result["loaded"] == [] and import_guard.attempts(tmp_path / "refused.log") == []
     for key, model_dir in (("tiny", tiny_llama_dir), ("embedded", base_model_dir)):
         linear_shapes, embedding_modules, architecture = result["specs"][key]
         expected = f.meta_device_spec(model_dir, "")
@@ -179,21 +169,24 @@ def test_the_gateway_checks_uploads_against_its_base_without_torch(tiny_llama_di
     archives = [f.tar_of(d, tmp_path / f"{d.name}.gz") for d in (bf16, missing)]
     (tmp_path / "data").mkdir()
 
-    result = last_json_line(run_guarded(UPLOAD, tiny_llama_dir, tmp_path / "data", *archives))
+    guarded = run_guarded(UPLOAD, tiny_llama_dir, tmp_path / "data", *archives, log=tmp_path / "refused.log")
+    result = last_json_line(guarded)
 
-    assert result["loaded"] == []
+    assert result["loaded"] == [] and import_guard.attempts(tmp_path / "refused.log") == []
     assert not result["embedder_loaded"], "the embedder loads on the first auto or RAG request, not at start-up"
     (created, _), (refused, message) = result["answers"]
     assert (created, refused) == (201, 422)
     assert "does not exist in base model LlamaForCausalLM" in message
 
 
-def test_the_embedder_runs_without_torch_on_one_thread(embeddings_dir: Path, embedder: Embedder) -> None:
+def test_the_embedder_runs_without_torch_on_one_thread(
+    embeddings_dir: Path, embedder: Embedder, tmp_path: Path
+) -> None:
     texts = [f"Sentence number {i} about refunds, routers and kettles." for i in range(100)]
 
-    result = last_json_line(run_guarded(EMBED, embeddings_dir, json.dumps(texts)))
+    result = last_json_line(run_guarded(EMBED, embeddings_dir, json.dumps(texts), log=tmp_path / "refused.log"))
 
-    assert result["loaded"] == []
+    assert result["loaded"] == [] and import_guard.attempts(tmp_path / "refused.log") == []
     # ONNX Runtime without its thread pools, the tokenizer without its batch threads.
     assert result["threads_started"] == 0
     assert np.allclose(np.array(result["vectors"], dtype=np.float32), embedder.encode(texts), atol=1e-5)
