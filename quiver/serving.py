@@ -50,11 +50,18 @@ def up(
 
 
 @model_app.command("prepare")
-def model_prepare() -> None:
-    """Convert the embedded model once (cached) and print its directory."""
-    from core import embedded
+def model_prepare(
+    embeddings_only: Annotated[
+        bool,
+        typer.Option(
+            "--embeddings-only", help="Only the embeddings' ONNX export (auto, RAG), for a gateway over another base."
+        ),
+    ] = False,
+) -> None:
+    """Convert the embedded model and export the embeddings (auto, RAG) to ONNX once (cached); print the model path."""
+    from core import embedded, embedding_export
 
     try:
-        print(embedded.prepare(console=err))
+        print(embedding_export.prepare(console=err) if embeddings_only else embedded.prepare(console=err))
     except QuiverError as exc:
         fail(exc)

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from core import embedded, extras
+from core.embeddings import export_dir
 from core.errors import QuiverError
 from core.processes import port_in_use
 from core.vllm_server import VllmServer
@@ -134,6 +135,11 @@ def run(
         if port_in_use(host, port):
             raise UpFailed(f"port {port} on {host} is already in use; choose another with --port")
         if vllm_url:
+            if not export_dir().is_dir():
+                console.print(
+                    f"[yellow]warning:[/] no embeddings export at {export_dir()}: `auto` and RAG requests answer 503 "
+                    "until `quiver model prepare --embeddings-only` has made it"
+                )
             vllm_url = _settings(**given, vllm_url=vllm_url).vllm_url
             first = vllm_url.split(",")[0]  # replicas serve the same base; ask one
             with console.status(f"Asking {first} what it serves"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core import embedded
+from core import embedded, embedding_export
 from core.vllm_server import VllmServer
 from gateway import Settings
 from tests.servers import GatewayServer, running_gateway, running_vllm
@@ -34,6 +34,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def base_model_dir() -> Path:
     """The converted SmolLM2-135M-Instruct (built once, cached under ~/.cache/quiver)."""
     return embedded.prepare()
+
+
+@pytest.fixture(scope="session")
+def embeddings_dir() -> Path:
+    """The ONNX export of all-MiniLM-L6-v2 that every Embedder loads (made once, cached under ~/.cache/quiver)."""
+    return embedding_export.prepare()
 
 
 @pytest.fixture(scope="session")

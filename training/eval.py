@@ -253,9 +253,11 @@ def _shot_turns(shots: Sequence[Case]) -> list[Message]:
 
 
 def _retrieve(cases: Sequence[Case], train: Sequence[Case], k: int) -> list[list[Case]]:
+    from core import embedding_export
     from core.embeddings import Embedder, nearest
 
-    embedder = Embedder()
+    # The gateway's embedder; eval runs where torch is, so a missing export is made here rather than refused.
+    embedder = Embedder(embedding_export.prepare())
     top = nearest(embedder.encode([c.query for c in cases]), embedder.encode([t.query for t in train]), k)
     # Most similar last: closest to the question it illustrates.
     return [[train[i] for i in reversed(row)] for row in top.tolist()]

@@ -110,12 +110,14 @@ def test_the_lean_gateway_validates_and_serves_an_adapter(
 
 def test_the_lean_gateway_routes_auto(lean_gateway: LeanGateway, lora_dirs: tuple[Path, ...]) -> None:
     """The embedder runs in the gateway-only install (from the export `quiver model prepare` made)."""
-    for name, directory, description in (
-        ("lean-recipes", lora_dirs[1], "Cooking recipes and kitchen questions"),
-        ("lean-invoices", lora_dirs[2], "Billing, invoices and refunds"),
+    # A description alone scores 0.24 against the question, under the default threshold (0.35): examples too.
+    for name, directory, description, examples in (
+        ("lean-recipes", lora_dirs[1], "Cooking recipes and kitchen questions", ["How long do I boil an egg?"]),
+        ("lean-invoices", lora_dirs[2], "Billing, invoices and refunds", ["I was charged twice"]),
     ):
         assert push(lean_gateway.url, name, directory).status_code == 201
-        patched = httpx.patch(f"{lean_gateway.url}/v1/adapters/{name}", json={"description": description})
+        routing = {"description": description, "examples": examples}
+        patched = httpx.patch(f"{lean_gateway.url}/v1/adapters/{name}", json=routing)
         assert patched.status_code == 200, patched.text
     question = [{"role": "user", "content": "How long should I boil rice?"}]
     auto = httpx.post(f"{lean_gateway.url}/v1/chat/completions", json={"model": "auto", "messages": question})

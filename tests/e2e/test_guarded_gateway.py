@@ -131,12 +131,14 @@ def test_adapters_with_bf16_and_fp32_weights(guarded: Guarded, lora_dirs: tuple[
 
 def test_auto_routes_by_description(guarded: Guarded, lora_dirs: tuple[Path, ...]) -> None:
     mark = guarded.mark()
-    for name, directory, description in (
-        ("guarded-recipes", lora_dirs[0], "Cooking recipes and kitchen questions"),
-        ("guarded-invoices", lora_dirs[1], "Billing, invoices and refunds"),
+    # A description alone scores 0.24 against the question, under the default threshold (0.35): examples too.
+    for name, directory, description, examples in (
+        ("guarded-recipes", lora_dirs[0], "Cooking recipes and kitchen questions", ["How long do I boil an egg?"]),
+        ("guarded-invoices", lora_dirs[1], "Billing, invoices and refunds", ["I was charged twice"]),
     ):
         assert push(guarded.url, name, directory).status_code == 201
-        patched = httpx.patch(f"{guarded.url}/v1/adapters/{name}", json={"description": description})
+        routing = {"description": description, "examples": examples}
+        patched = httpx.patch(f"{guarded.url}/v1/adapters/{name}", json=routing)
         assert patched.status_code == 200, patched.text
     body = {"model": "auto", "messages": [{"role": "user", "content": "How long should I boil rice?"}], "max_tokens": 4}
     answer = httpx.post(f"{guarded.url}/v1/chat/completions", json=body, timeout=120)

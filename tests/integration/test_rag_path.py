@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from gateway import Settings
 from tests.integration.openai_helpers import client, error_of, push
@@ -100,3 +101,37 @@ def test_rag_answers_with_sources_directly_and_as_a_fallback(
             timeout_s=30,
             what="the new collection",
         )
+
+
+def test_without_the_embedding_export_auto_and_rag_answer_503_until_it_is_there(
+    settings: Settings,
+    embeddings_dir: Path,
+    tmp_path: Path,
+    lora_dirs: tuple[Path, ...],
+    unique_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "router.md").write_text(HANDBOOK["router.md"])
+    ingest(settings, "handbook", [tmp_path / "router.md"])
+    monkeypatch.setenv("QUIVER_CACHE_DIR", str(tmp_path / "unprepared-cache"))
+    question = [{"role": "user", "content": "How do I reset my Nimbus router?"}]
+
+    def ask(model: str) -> httpx.Response:
+        body = {"model": model, "messages": question, "max_tokens": 2}
+        return httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
+
+    with running_gateway(settings) as gateway:
+        push(gateway.url, unique_name, lora_dirs[0])
+        httpx.patch(f"{gateway.url}/v1/adapters/{unique_name}", json={"description": "Nimbus router help"})
+        for model in ("auto", "rag:handbook"):
+            refused = ask(model)
+            assert refused.status_code == 503, refused.text
+            error = error_of(refused)
+            assert error["code"] == "embeddings_not_prepared" and "quiver model prepare" in error["message"]
+            assert int(refused.headers["retry-after"]) > 1
+        # Prepared while the gateway runs: the next request loads the model, no restart needed.
+        monkeypatch.setenv("QUIVER_CACHE_DIR", str(embeddings_dir.parents[1]))
+        answered = ask("rag:handbook")
+        assert answered.status_code == 200, answered.text
+        assert json.loads(answered.headers["x-quiver-sources"])[0]["source"] == "router.md"
+        assert ask("auto").headers["x-quiver-served-by"] == f"{unique_name}@v1"

@@ -47,9 +47,9 @@ def tiny_base(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
-def embedder() -> Embedder:
-    """The real all-MiniLM-L6-v2 embedder (offline, from its package), loaded once: RAG tests rank with it."""
-    return Embedder()
+def embedder(embeddings_dir: Path) -> Embedder:
+    """The real all-MiniLM-L6-v2 embedder (ONNX Runtime, the prepared export), loaded once: RAG tests rank with it."""
+    return Embedder(embeddings_dir)
 
 
 @pytest.fixture

@@ -39,7 +39,9 @@ def test_the_extras_the_code_checks_are_the_ones_pyproject_installs() -> None:
 
 def test_the_gateway_install_holds_no_ml_stack() -> None:
     assert not names(PROJECT["dependencies"]) & ML_STACK
-    assert {"tokenizers", "jinja2", "safetensors", "numpy", "fastapi", "uvicorn"} <= names(PROJECT["dependencies"])
+    assert {"tokenizers", "jinja2", "safetensors", "numpy", "fastapi", "uvicorn", "onnxruntime"} <= names(
+        PROJECT["dependencies"]
+    )
 
 
 def test_a_missing_extra_is_named_with_what_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from quiver.cli import app
+
+# The CLI embeds with the export `quiver model prepare` makes.
+pytestmark = pytest.mark.usefixtures("embeddings_dir")
 
 
 def run(args: list[str], data_dir: Path) -> tuple[int, str]:

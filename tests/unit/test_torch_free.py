@@ -14,8 +14,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from core.embeddings import Embedder
 from tests import factories as f
 from tests import import_guard
 
@@ -79,12 +81,44 @@ UPLOAD = textwrap.dedent(
     print(json.dumps({
         "answers": answers,
         "loaded": sorted(m for m in sys.modules if m.partition(".")[0] in FORBIDDEN),
+        "embedder_loaded": "onnxruntime" in sys.modules,
+    }))
+    """
+)
+
+# The embedder as the gateway uses it, counting this process's threads around its load and its calls.
+EMBED = textwrap.dedent(
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    import numpy
+    import onnxruntime
+    import tokenizers
+
+    from core.embeddings import Embedder
+
+    directory, texts = Path(sys.argv[1]), json.loads(sys.argv[2])
+
+    def threads():
+        return len(os.listdir("/proc/self/task"))
+
+    before = threads()
+    embedder = Embedder(directory)
+    vectors = embedder.encode(texts)
+    spans = embedder.token_spans(texts[0])
+    print(json.dumps({
+        "vectors": vectors.tolist(),
+        "spans": spans,
+        "threads_started": threads() - before,
+        "loaded": sorted(m for m in sys.modules if m.partition(".")[0] in FORBIDDEN),
     }))
     """
 )
 
 
-def run_guarded(code: str, *args: Path, log: Path) -> subprocess.CompletedProcess[str]:
+def run_guarded(code: str, *args: Path | str, log: Path) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter started with the import guard, which logs refused imports to ``log``."""
     env = import_guard.environment(log, {**os.environ, "PYTHONPATH": str(REPO)})
     prelude = f"import sys\nFORBIDDEN = {import_guard.FORBIDDEN!r}\n"
@@ -139,6 +173,21 @@ def test_the_gateway_checks_uploads_against_its_base_without_torch(tiny_llama_di
     result = last_json_line(guarded)
 
     assert result["loaded"] == [] and import_guard.attempts(tmp_path / "refused.log") == []
+    assert not result["embedder_loaded"], "the embedder loads on the first auto or RAG request, not at start-up"
     (created, _), (refused, message) = result["answers"]
     assert (created, refused) == (201, 422)
     assert "does not exist in base model LlamaForCausalLM" in message
+
+
+def test_the_embedder_runs_without_torch_on_one_thread(
+    embeddings_dir: Path, embedder: Embedder, tmp_path: Path
+) -> None:
+    texts = [f"Sentence number {i} about refunds, routers and kettles." for i in range(100)]
+
+    result = last_json_line(run_guarded(EMBED, embeddings_dir, json.dumps(texts), log=tmp_path / "refused.log"))
+
+    assert result["loaded"] == [] and import_guard.attempts(tmp_path / "refused.log") == []
+    # ONNX Runtime without its thread pools, the tokenizer without its batch threads.
+    assert result["threads_started"] == 0
+    assert np.allclose(np.array(result["vectors"], dtype=np.float32), embedder.encode(texts), atol=1e-5)
+    assert [tuple(span) for span in result["spans"]] == embedder.token_spans(texts[0])
