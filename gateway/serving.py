@@ -241,7 +241,13 @@ class Proxy:
         sources: Sources = None
         if isinstance(target, RagOnReplica):
             assert self.rag is not None  # the router only plans RAG targets when there are collections
-            payload, sources = await self.rag.augment(target.collection, payload, context)
+            try:
+                payload, sources = await self.rag.augment(target.collection, payload, context)
+            except InvalidRequest:
+                raise
+            except QuiverError as exc:
+                # No embeddings (the export is missing) or no index: the collection cannot answer, the next step may.
+                raise _TargetFailed(fallback_reason(exc), exc) from exc
         payload["model"] = target.upstream_model
         return json.dumps(payload, separators=(",", ":")).encode(), sources
 

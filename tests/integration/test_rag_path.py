@@ -120,6 +120,7 @@ def test_without_the_embedding_export_auto_and_rag_answer_503_until_it_is_there(
         body = {"model": model, "messages": question, "max_tokens": 2}
         return httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
 
+    broken = f"{unique_name}-broken"
     with running_gateway(settings) as gateway:
         push(gateway.url, unique_name, lora_dirs[0])
         httpx.patch(f"{gateway.url}/v1/adapters/{unique_name}", json={"description": "Nimbus router help"})
@@ -129,6 +130,16 @@ def test_without_the_embedding_export_auto_and_rag_answer_503_until_it_is_there(
             error = error_of(refused)
             assert error["code"] == "embeddings_not_prepared" and "quiver model prepare" in error["message"]
             assert int(refused.headers["retry-after"]) > 1
+        # In a fallback chain, the collection that cannot embed is passed over for the next step.
+        push(gateway.url, broken, lora_dirs[1])
+        httpx.patch(f"{gateway.url}/v1/adapters/{broken}", json={"fallback": ["rag:handbook", "base"]})
+        weights = next((settings.adapter_store / broken).glob("*/adapter_model.safetensors"))
+        weights.chmod(0o644)  # the store makes versions read-only
+        weights.write_bytes(b"broken")
+        passed_over = ask(broken)
+        assert passed_over.status_code == 200, passed_over.text
+        assert passed_over.headers["x-quiver-served-by"] == gateway.gateway.router.base_model
+        assert passed_over.headers["x-quiver-fallback-reason"] == "adapter_load_failed"
         # Prepared while the gateway runs: the next request loads the model, no restart needed.
         monkeypatch.setenv("QUIVER_CACHE_DIR", str(embeddings_dir.parents[1]))
         answered = ask("rag:handbook")
