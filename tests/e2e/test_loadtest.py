@@ -93,7 +93,9 @@ def target(
 
 def start(target: Target, scenario: str, out: Path, *options: str) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "quiver.cli", "loadtest", "--scenario", scenario, "--host", target.url]
-    command += ["--users", "2", "--spawn-rate", "10", "--duration", "3s", "--out", str(out), *options]
+    # Six runs start at once on a small machine (each a locust process), and a first request may wait for its
+    # adapter to load: 3 s once ended a run before any answer came back.
+    command += ["--users", "2", "--spawn-rate", "10", "--duration", "6s", "--out", str(out), *options]
     env = dict(os.environ, COLUMNS="200")
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
