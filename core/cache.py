@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from rich.console import Console
 
 from core.checksums import file_sha256
 
@@ -36,6 +39,19 @@ def verify(directory: Path) -> bool:
     return bool(files) and all(
         (directory / name).is_file() and file_sha256(directory / name) == digest for name, digest in files.items()
     )
+
+
+def reusable(target: Path, console: Console, redo: str) -> bool:
+    """Whether ``target`` holds a build that passes its checksums; one that fails them is removed, saying it will
+    ``redo`` it (e.g. "converting again")."""
+    if not target.is_dir():
+        return False
+    with console.status(f"Verifying {target.name}"):
+        if verify(target):
+            return True
+    console.print(f"[yellow]{target} failed its checksum; {redo}[/]")
+    shutil.rmtree(target)
+    return False
 
 
 def write_checksums(directory: Path, source: str, revision: int) -> None:

